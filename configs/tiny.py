@@ -29,7 +29,7 @@ def get_config():
     c.train.objective = "ddspo"
     c.train.beta = 16000.0              # lr = beta / 2.048e8, as the paper
     c.train.batch_size = 16
-    c.train.micro_batch_size = 8
+    c.train.micro_batch_per_device = 8
     c.train.steps = 30
     c.train.warmup_steps = 5
     c.train.checkpoint_every = 10

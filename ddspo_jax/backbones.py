@@ -72,11 +72,23 @@ class Backbone:
         blocks = json.loads(path.read_text()).get("block_out_channels", [0] * 4) if path.is_file() else [0] * 4
         return 2 ** (len(blocks) - 1)
 
-    def denoise(self, params, x_t, t, cond):
+    def denoise(self, params, x_t, t, cond, gather=None):
+        """The UNet's prediction. `gather` (inside the train step's shard_map): `params` are fsdp shards and
+        every block gathers its own weights (models/unet.apply_sharded); remat_policy "full" also
+        recomputes the whole forward in the backward pass."""
+        from ddspo_jax.models.unet import apply_sharded
+
         added = None
         if self.family == "sdxl":
             added = {"text_embeds": cond["pooled_prompt_embeds"], "time_ids": cond["add_time_ids"]}
-        return self.unet.apply({"params": params}, x_t, t, cond["prompt_embeds"], added_cond=added)
+        if gather is None:
+            return self.unet.apply({"params": params}, x_t, t, cond["prompt_embeds"], added_cond=added)
+
+        def run(params, x_t, t, ctx, added):
+            return apply_sharded(self.unet, gather, params, x_t, t, ctx, added_cond=added)
+        if self.unet.remat_policy == "full":
+            run = jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)
+        return run(params, x_t, t, cond["prompt_embeds"], added)
 
     def encode(self, texts) -> dict[str, np.ndarray]:
         out = self.encoder.encode(list(texts))
@@ -123,7 +135,7 @@ def load_backbone(model_cfg, schedule_cfg, *, text: bool = True, vae: bool = Tru
     require_components(folder, ["unet"] + (["vae"] if vae else []))
     dtype, pdtype = _dtype(model_cfg.dtype), _dtype(model_cfg.param_dtype)
     unet, unet_params = load_unet(folder, dtype, pdtype, attention_impl=model_cfg.attention or None,
-                                  remat_policy=model_cfg.remat_policy)
+                                  remat_policy=model_cfg.remat_policy, on_host=True)
     is_xl = unet.config.addition_embed_type == "text_time"
     if is_xl != (family == "sdxl"):
         raise ValueError(f"config.model.family={family!r} but {folder / 'unet'} is "

@@ -37,10 +37,16 @@ SCHEMA: dict[str, _F] = {
     "model.path": _F("", "Base model: a diffusers pipeline folder."),
     "model.dtype": _F("bfloat16", "Compute dtype.", choices=("float32", "bfloat16", "float16")),
     "model.param_dtype": _F("float32", "Master weight dtype.", choices=("float32", "bfloat16")),
-    "model.remat_policy": _F("none", "Gradient checkpointing per block: none | full | dots_saveable."),
+    "model.ref_dtype": _F("", "Dtype of the frozen reference's weights ('' : model.dtype, the compute dtype).",
+                          choices=("", "float32", "bfloat16", "float16")),
+    "model.remat_policy": _F("none", "What each ResNet / transformer block keeps for the backward pass: none (all) | "
+                             "dots_saveable (matmul/conv outputs) | block (its inputs only) | full (block, and "
+                             "the whole forward recomputed). benchmarks/memory.py measures them.",
+                             choices=("none", "dots_saveable", "block", "full")),
     "model.lora_rank": _F(0, "0: full fine-tune; r > 0: train rank-r LoRA on the attention projections (SANA: 512)."),
     "model.lora_alpha": _F(0.0, "LoRA scale alpha (update = alpha / r * A B); 0 means alpha = r."),
-    "model.attention": _F("auto", "dot_product_attention: auto (cuDNN flash on GPU where it applies) | xla | cudnn."),
+    "model.attention": _F("auto", "dot_product_attention: auto (cuDNN flash on GPU where it applies) | xla | cudnn.",
+                          choices=("auto", "xla", "cudnn")),
     # --- noise schedule --------------------------------------------------------------------
     "schedule.kind": _F("ddpm", "Discrete DDPM (SD-1.x, SDXL) or rectified flow (SANA).", choices=("ddpm", "flow")),
     "schedule.num_train_timesteps": _F(1000, "T."),
@@ -60,16 +66,26 @@ SCHEMA: dict[str, _F] = {
     "train.objective": _F("ddspo", "Preference objective.", choices=OBJECTIVES),
     "train.beta": _F(16000.0, "Logit scale beta (paper: 16000 SD/SDXL, 2000 SANA, 8000 for D-DPO)."),
     "train.dspo_weight": _F(None, "DSPO's preference weight w; None uses beta (as the reference code does).", float),
-    "train.lr": _F(None, "Learning rate; None means beta / 2.048e8 (the paper's rule).", float),
+    "train.lr_per_pair": _F(2.5e-9, "Base learning rate per pair: the peak lr is lr_per_pair x train.batch_size "
+                            "(the release's --learning_rate with --scale_lr; SD/SDXL 2.5e-9, SANA 4e-8)."),
+    "train.lr": _F(None, "Peak learning rate, overriding lr_per_pair x batch_size (None: use that product).", float),
     "train.steps": _F(100, "Optimizer steps."),
     "train.warmup_steps": _F(100, "Linear warmup steps (0 for SANA)."),
     "train.batch_size": _F(2048, "Global pairs per optimizer step (accumulated over micro-batches)."),
-    "train.micro_batch_size": _F(0, "Global pairs per micro-batch; 0 means batch_size (no accumulation)."),
-    "train.optimizer": _F("adamw", "adamw (SD-1.x) or adafactor (SDXL).", choices=("adamw", "adafactor")),
-    "train.weight_decay": _F(1e-2, "AdamW weight decay."),
+    "train.micro_batch_per_device": _F(0, "At most this many pairs per device per micro-batch (gradients are "
+                                       "accumulated over batch_size / (this x devices) micro-batches, so one config "
+                                       "runs on one GPU and on a pod); 0: the whole batch at once."),
+    "train.max_skipped_steps": _F(3, "A step with a non-finite loss or gradient is skipped on device; stop after "
+                                  "this many in a row (the checkpoints never hold a non-finite state)."),
+    "train.optimizer": _F("adamw", "adamw (torch.optim.AdamW) or adafactor (transformers.Adafactor with "
+                          "scale_parameter=False, relative_step=False), as the release builds them (optim.py).",
+                          choices=("adamw", "adafactor")),
+    "train.weight_decay": _F(1e-2, "Decoupled weight decay of AdamW and Adafactor (release: 1e-2)."),
     "train.adam_b1": _F(0.9, "AdamW beta1."),
     "train.adam_b2": _F(0.999, "AdamW beta2."),
-    "train.grad_clip": _F(1.0, "Global-norm gradient clipping (0 disables)."),
+    "train.adam_eps": _F(1e-8, "AdamW epsilon."),
+    "train.grad_clip": _F(1.0, "AdamW: global-norm gradient clipping; Adafactor: its per-update clip_threshold "
+                          "(0 disables)."),
     "train.share_noise": _F(True, "Same t and noise for both members of a pair (as Diffusion-DPO does)."),
     "train.log_every": _F(1, "Write scalar metrics every this many steps."),
     "train.checkpoint_every": _F(50, "Save an Orbax checkpoint every this many steps (and at the end)."),
@@ -210,8 +226,12 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def learning_rate(cfg) -> float:
-    """The paper's rule lr = beta / 2.048e8 unless set explicitly."""
-    return cfg.train.lr if cfg.train.lr is not None else cfg.train.beta / 2.048e8
+    """The peak learning rate: train.lr if set, else train.lr_per_pair x train.batch_size.
+
+    That product is what the authors ran (`--learning_rate 2.5e-9 --scale_lr` at 2048 pairs: 5.12e-6 for
+    SD/SDXL; 4e-8 x 2048 = 8.19e-5 for SANA), Diffusion-DPO's convention. The paper's text writes
+    lr = beta / 2.048e8 (7.8e-5 at beta 16000); set train.lr to that to follow the text instead."""
+    return cfg.train.lr if cfg.train.lr is not None else cfg.train.lr_per_pair * cfg.train.batch_size
 
 
 def describe() -> str:

@@ -38,11 +38,26 @@ def checkpoint_steps(run: Path) -> list[int]:
     return steps
 
 
-def restore_trained_params(run: Path, step: int | None = None):
-    """(params of the trained UNet as numpy, step, run config); LoRA factors are merged into the base."""
+def restore_params(path: Path):
+    """The `params` item of a checkpoint as numpy, onto this host's first device, whatever mesh or process
+    count wrote it (Orbax reshards on read; only the params are read, not the optimizer state)."""
     import jax
     import numpy as np
     import orbax.checkpoint as ocp
+
+    ckptr = ocp.StandardCheckpointer()
+    if not path.is_dir():
+        raise ExportError(f"{path.parent} holds no params item (a checkpoint written by an older version?)")
+    meta = ckptr.metadata(path.absolute()).item_metadata.tree
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), meta)
+    return jax.tree.map(np.asarray, ckptr.restore(path.absolute(), abstract))
+
+
+def restore_trained_params(run: Path, step: int | None = None):
+    """(params of the trained UNet as numpy, step, run config, base folder); LoRA factors merged in."""
+    import jax
+    import numpy as np
 
     from ddspo_jax import lora
     from ddspo_jax.tiny import resolve_model_path
@@ -53,13 +68,12 @@ def restore_trained_params(run: Path, step: int | None = None):
         step = steps[-1]
     elif step not in steps:
         raise ExportError(f"{run} has no checkpoint for step {step}; available: {', '.join(map(str, steps))}")
-    state = ocp.StandardCheckpointer().restore((run / "checkpoints" / str(step) / "state").absolute())
-    params = jax.tree.map(np.asarray, state["params"])
+    params = restore_params(run / "checkpoints" / str(step) / "params")
     base = resolve_model_path(cfg["model"]["path"], cfg["model"]["family"])
     if cfg["model"].get("lora_rank", 0) > 0:
         from ddspo_jax.convert import load_unet
 
-        _, base_params = load_unet(base)
+        _, base_params = load_unet(base, on_host=True)
         alpha = cfg["model"].get("lora_alpha") or float(cfg["model"]["lora_rank"])
         params = jax.tree.map(np.asarray, lora.merge(base_params, params, alpha))
     return params, step, cfg, base
@@ -70,10 +84,14 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, step: int | None =
     from ddspo_jax.convert import export_unet
     from ddspo_jax.convert.common import read_config
 
+    import jax
+
     run, out = Path(run), Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"output folder {out} is not empty; choose another or pass --overwrite")
-    params, step, cfg, base = restore_trained_params(run, step)
+    params, step, cfg, base = restore_trained_params(run, step)  # every process of a multi-process run reads
+    if jax.process_index() != 0:  # ... and process 0 writes
+        return out
     unet_cfg = read_config(base / "unet")
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

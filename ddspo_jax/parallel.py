@@ -12,6 +12,7 @@ import os
 
 import jax
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -139,3 +140,53 @@ def put_batch(batch, mesh: Mesh):
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+def key_path(path) -> tuple[str, ...]:
+    """A jax tree key path as a tuple of names (dict keys, sequence indices as strings)."""
+    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def fsdp_axes(tree, fsdp_size: int) -> dict[tuple[str, ...], int | None]:
+    """{leaf path: the axis sharded over fsdp (None: replicated)} for a parameter-like tree."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {key_path(p): fsdp_axis(x.shape, fsdp_size) for p, x in flat}
+
+
+class Gather:
+    """Turns fsdp shards into whole weights in the compute dtype, inside the step's shard_map.
+
+    A model calls it per block (`nn.map_variables` inside `nn.remat`, see models/layers.fsdp_unit), so a
+    block's weights exist whole only while that block runs, and the backward pass gathers them again
+    instead of keeping them; JAX transposes the all-gather into a reduce-scatter, so gradients come back
+    fsdp-sharded. Floating leaves are cast to `dtype` *before* the gather (half the traffic in bf16).
+    `axes` covers the whole tree the step passes; `at(*names)` views a subtree (e.g. the UNet inside a
+    {"unet", "text"} reference tree). Hashed by identity (it is a static field of flax modules)."""
+
+    def __init__(self, axes: dict, dtype, prefix: tuple[str, ...] = (), axis_name: str = "fsdp"):
+        self.axes, self.dtype, self.prefix, self.axis_name = axes, dtype, tuple(prefix), axis_name
+
+    def at(self, *names: str) -> "Gather":
+        return Gather(self.axes, self.dtype, self.prefix + tuple(names), self.axis_name)
+
+    def leaf(self, path: tuple[str, ...], x):
+        import jax.numpy as jnp
+
+        full = self.prefix + tuple(path)
+        if full not in self.axes:
+            raise KeyError(f"no fsdp layout for parameter {'/'.join(full)}")
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            x = x.astype(self.dtype)
+        a = self.axes[full]
+        if a is None:
+            return x
+        return checkpoint_name(jax.lax.all_gather(x, self.axis_name, axis=a, tiled=True),
+                                                 "fsdp_gathered")
+
+    def __call__(self, tree, path: tuple[str, ...] = (), skip=None):
+        """Gathers every leaf of `tree` (found at `path` below the prefix); `skip(names)` True leaves a
+        leaf as it is (a block gathers it itself)."""
+        def one(p, x):
+            names = key_path(p)
+            return x if skip is not None and skip(names) else self.leaf(tuple(path) + names, x)
+        return jax.tree_util.tree_map_with_path(one, tree)

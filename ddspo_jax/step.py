@@ -1,29 +1,39 @@
-"""The train step: one `jax.jit` around a `shard_map` over the ("data", "fsdp") mesh.
+"""The train step: per micro-batch, one `jax.jit` around a `shard_map` over the ("data", "fsdp") mesh that
+adds the micro-batch's gradients into a donated fsdp-sharded float32 accumulator; per step, one jitted
+optimizer update on the sharded state.
 
-Per device, inside the shard_map:
-  1. all-gather the fsdp-sharded trainable and reference params;
-  2. `lax.scan` over micro-batches: per-pair t and noise from a key folded with the pair's *global*
-     index (so the result does not depend on the mesh or the micro-batch split); the reference forwards
-     as one batched call on the stacked inputs the objective needs, the trainable forward as one call
-     on [x_t^w, x_t^l]; gradients and metrics accumulated;
-  3. gradients reduce-scattered over fsdp (`psum_scatter`) and summed over data.
-Outside the shard_map, still inside the same jit, the optax update runs on the globally sharded arrays
-(so factored optimizers such as Adafactor see whole matrices, not shards). The state is donated; the
-reference params are a separate argument and never donated.
+Per device, inside the shard_map (DESIGN.md "The step, in one picture"):
+  1. parameters stay fsdp shards: the trainable (float32 master weights) and the frozen reference
+     (`model.ref_dtype`, default the compute dtype) are separate trees; each model block gathers its own
+     weights in the compute dtype when it runs and drops them after (parallel.Gather, models/layers.unit),
+     so no device ever holds a whole tree; JAX transposes those all-gathers into reduce-scatters, so the
+     gradients come back fsdp-sharded;
+  2. per-pair t and noise from a key folded with the pair's *global* index (step, micro-batch, row), so the
+     result does not depend on the mesh, the process count or the micro-batch split; the reference forwards
+     as one batched call on the stacked inputs the objective needs, the trainable forward as one call on
+     [x_t^w, x_t^l] under value_and_grad;
+  3. gradients summed over "data" (and over "fsdp" for the few replicated leaves) into the accumulator.
+Micro-batches are separate calls of one compiled function (not a lax.scan): only one micro-batch of the
+global batch is on device at a time, and XLA:CPU's slow convolution layouts inside while loops are avoided
+(measured by benchmarks/train_step.py). The update runs outside the shard_map on the globally sharded arrays
+(Adafactor's factored statistics need whole matrices) and skips, on device, a step whose loss or gradient is
+not finite, counting it in the state (no host sync).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ddspo_jax import parallel, schedules
 from ddspo_jax.losses import NEEDS_REF_NEG, preference_loss
+from ddspo_jax.optim import make_optimizer  # noqa: F401  (re-exported: step_lib.make_optimizer)
 
 STEP_KEYS = ("x0_w", "x0_l", "cond_w", "cond_l")  # what the step reads from a loader batch
 RAND_COND_KEYS = ("extra_cond_w", "extra_cond_l")  # ... and with data.rand_cond
@@ -32,22 +42,10 @@ RAND_COND_KEYS = ("extra_cond_w", "extra_cond_l")  # ... and with data.rand_cond
 def step_keys(cfg) -> tuple[str, ...]:
     return STEP_KEYS + (RAND_COND_KEYS if cfg.data.rand_cond != "none" else ())
 
-# denoise(params, x_t [B,H,W,C], t_model [B], cond pytree with leading B) -> prediction [B,H,W,C]
-Denoise = Callable[[Any, jax.Array, jax.Array, Any], jax.Array]
-
-
-def make_optimizer(cfg, lr: float) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(optimizer, lr schedule): linear warmup to a constant lr (Diffusion-DPO's constant_with_warmup), AdamW
-    or Adafactor, global-norm clipping first."""
-    t = cfg.train
-    sched = optax.join_schedules([optax.linear_schedule(0.0, lr, t.warmup_steps), optax.constant_schedule(lr)],
-                                 [t.warmup_steps]) if t.warmup_steps > 0 else optax.constant_schedule(lr)
-    if t.optimizer == "adamw":
-        opt = optax.adamw(sched, b1=t.adam_b1, b2=t.adam_b2, weight_decay=t.weight_decay)
-    else:
-        opt = optax.adafactor(sched)
-    parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
-    return optax.chain(*parts, opt), sched
+# denoise(params, x_t [B,H,W,C], t_model [B], cond pytree with leading B, gather) -> prediction [B,H,W,C].
+# `params` are the device's fsdp shards; `gather` (parallel.Gather) makes whole compute-dtype weights of them,
+# per block for the UNet (models/unet.apply_sharded) or at once for small models (`gather(params)`).
+Denoise = Callable[[Any, jax.Array, jax.Array, Any, parallel.Gather], jax.Array]
 
 
 def _cat(trees):
@@ -69,12 +67,14 @@ def pair_noise(schedule, cfg, key, ids, x0_w):
     return jax.vmap(one)(keys)
 
 
-def pair_forward(denoise: Denoise, schedule, cfg, params, ref_params, batch, ids, key, model_apply=None):
+def pair_forward(denoise: Denoise, schedule, cfg, params, ref_params, batch, ids, key, model_apply=None,
+                 gathers=(None, None)):
     """Loss and metrics of one micro-batch; differentiable in `params` only.
 
-    model_apply(params, ref_params, x, t, cond) is the trainable forward; default denoise(params, ...).
-    LoRA passes one that merges its factors into the frozen reference weights."""
+    model_apply(params, ref_params, x, t, cond, gather_params, gather_ref) is the trainable forward; default
+    denoise(params, ..., gather_params). LoRA passes one that merges its factors into the reference."""
     objective = cfg.train.objective
+    g_params, g_ref = gathers
     x0_w = batch["x0_w"].astype(jnp.float32)
     x0_l = batch["x0_l"].astype(jnp.float32)
     t, nw, nl, u = pair_noise(schedule, cfg, key, ids, x0_w)
@@ -91,10 +91,10 @@ def pair_forward(denoise: Denoise, schedule, cfg, params, ref_params, batch, ids
     # Reference: [x_t^w|c, x_t^l|c (, x_t^l|c-)] as one call.
     if objective in NEEDS_REF_NEG:
         ref = denoise(ref_params, jnp.concatenate([x_w, x_l, x_l]), jnp.concatenate([tm, tm, tm]),
-                      _cat([c, c, c_neg]))
+                      _cat([c, c, c_neg]), g_ref)
     else:
-        ref = denoise(ref_params, jnp.concatenate([x_w, x_l]), jnp.concatenate([tm, tm]), _cat([c, c]))
-    ref = jax.lax.stop_gradient(ref)
+        ref = denoise(ref_params, jnp.concatenate([x_w, x_l]), jnp.concatenate([tm, tm]), _cat([c, c]), g_ref)
+    ref = jax.lax.stop_gradient(ref.astype(jnp.float32))
     ref_w, ref_l = ref[:n], ref[n:2 * n]
     ref_neg_l = ref[2 * n:] if objective in NEEDS_REF_NEG else None
 
@@ -105,9 +105,10 @@ def pair_forward(denoise: Denoise, schedule, cfg, params, ref_params, batch, ids
 
     def loss_fn(p):
         if model_apply is None:
-            out = denoise(p, x_model, t_model, c_model)
+            out = denoise(p, x_model, t_model, c_model, g_params)
         else:
-            out = model_apply(p, ref_params, x_model, t_model, c_model)
+            out = model_apply(p, ref_params, x_model, t_model, c_model, g_params, g_ref)
+        out = out.astype(jnp.float32)
         return preference_loss(objective, model_w=out[:n], model_l=out[n:], ref_w=ref_w, ref_l=ref_l,
                                target_w=target_w, target_l=target_l, ref_neg_l=ref_neg_l,
                                beta=cfg.train.beta, dspo_weight=cfg.train.dspo_weight, weight=weight)
@@ -115,89 +116,142 @@ def pair_forward(denoise: Denoise, schedule, cfg, params, ref_params, batch, ids
     return loss_fn
 
 
+def micro_batching(cfg, mesh) -> tuple[int, int]:
+    """(micro-batches per step k, global pairs per micro-batch) from train.batch_size and
+    train.micro_batch_per_device; errors name the keys."""
+    B, per_dev, n = cfg.train.batch_size, cfg.train.micro_batch_per_device, mesh.size
+    micro = B if per_dev == 0 else min(per_dev * n, B)  # at most per_dev pairs per device
+    if micro % n:
+        raise ValueError(f"train.batch_size={B} is not divisible by the {n} devices of the mesh; set "
+                         f"train.micro_batch_per_device or a batch size that is a multiple of {n}")
+    if B % micro:
+        raise ValueError(f"train.batch_size={B} is not a multiple of train.micro_batch_per_device="
+                         f"{per_dev} x {n} devices = {micro} pairs per micro-batch")
+    return B // micro, micro
+
+
 def num_micro_batches(cfg, mesh) -> int:
-    B = cfg.train.batch_size
-    mb = cfg.train.micro_batch_size or B
-    if B % mb:
-        raise ValueError(f"train.batch_size={B} is not a multiple of train.micro_batch_size={mb}")
-    if mb % mesh.size:
-        raise ValueError(f"train.micro_batch_size={mb} (or batch_size) must be a multiple of the "
-                         f"{mesh.size} devices of the mesh")
-    return B // mb
+    return micro_batching(cfg, mesh)[0]
+
+
+def _dtype(name):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+
+
+class TrainStep:
+    """`grad` per micro-batch into a donated sharded accumulator, `update` per step; `__call__` does both.
+
+    state = {"params", "opt_state", "step", "skipped", "bad_run"} (skipped: non-finite steps so far; bad_run:
+    how many of the latest steps in a row); a micro-batch = {"x0_w", "x0_l", "cond_w", "cond_l"} (the
+    loader's names) as global arrays split over all devices along the pair axis (parallel.put_batch)."""
+
+    def __init__(self, denoise: Denoise, schedule, cfg, mesh, optimizer, params_shape, *, ref_shape=None,
+                 model_apply=None):
+        self.cfg, self.mesh, self.optimizer = cfg, mesh, optimizer
+        self.k, self.micro = micro_batching(cfg, mesh)
+        fsdp_n, n_dev, k = mesh.shape["fsdp"], mesh.size, self.k
+        ref_shape = params_shape if ref_shape is None else ref_shape
+        specs, ref_specs = parallel.tree_specs(params_shape, mesh), parallel.tree_specs(ref_shape, mesh)
+        compute = _dtype(cfg.model.dtype)
+        axes = parallel.fsdp_axes(params_shape, fsdp_n)
+        gathers = (parallel.Gather(axes, compute), parallel.Gather(parallel.fsdp_axes(ref_shape, fsdp_n), compute))
+        sharded = jax.tree_util.tree_map_with_path(lambda p, x: axes[parallel.key_path(p)] is not None,
+                                                   params_shape)
+
+        def local(acc, params, ref_params, batch, key, step, j):
+            b = batch["x0_w"].shape[0]
+            dev = jax.lax.axis_index("data") * fsdp_n + jax.lax.axis_index("fsdp")
+            ids = j * (b * n_dev) + dev * b + jnp.arange(b)
+            key = jax.random.fold_in(key, step)
+            loss_fn = pair_forward(denoise, schedule, cfg, params, ref_params, batch, ids, key, model_apply,
+                                   gathers)
+            (_, m), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            # gathered leaves: already reduce-scattered over fsdp (the all-gather's transpose)
+            g = jax.tree.map(lambda x, s: jax.lax.psum(x.astype(jnp.float32), "data" if s else parallel.AXES),
+                             g, sharded)
+            m = jax.tree.map(lambda x: jax.lax.psum(x, parallel.AXES) / n_dev, m)
+            return jax.tree.map(jnp.add, acc, {"grads": g, "metrics": m})
+
+        metric_shape = jax.eval_shape(lambda: _metric_names(cfg))
+        acc_specs = {"grads": specs, "metrics": jax.tree.map(lambda _: P(), metric_shape)}
+        grads_fn = jax.shard_map(local, mesh=mesh, in_specs=(acc_specs, specs, ref_specs, parallel.BATCH, P(), P(), P()),
+                                 out_specs=acc_specs, check_vma=False)
+        rep = NamedSharding(mesh, P())
+        self.acc_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), acc_specs)
+        self.acc_shape = {"grads": jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), params_shape),
+                          "metrics": metric_shape}
+        param_sh, ref_sh = parallel.tree_shardings(params_shape, mesh), parallel.tree_shardings(ref_shape, mesh)
+        self.grad = jax.jit(grads_fn, donate_argnums=(0,),
+                            in_shardings=(self.acc_shardings, param_sh, ref_sh, parallel.batch_sharding(mesh), rep,
+                                          rep, rep),
+                            out_shardings=self.acc_shardings)
+
+        def update(state, acc):
+            grads = jax.tree.map(lambda g: g / (n_dev * k), acc["grads"])
+            metrics = jax.tree.map(lambda x: x / k, acc["metrics"])
+            gnorm = optax.tree.norm(grads)
+            updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+            params = optax.apply_updates(state["params"], updates)
+            ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(gnorm)
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+            new = {"params": keep(params, state["params"]), "opt_state": keep(opt_state, state["opt_state"]),
+                   "step": state["step"] + 1, "skipped": state["skipped"] + (~ok).astype(jnp.int32),
+                   "bad_run": jnp.where(ok, 0, state["bad_run"] + 1)}
+            metrics = dict(metrics, grad_norm=gnorm, skipped=(~ok).astype(jnp.float32))
+            return new, jax.tree.map(jnp.zeros_like, acc), metrics
+
+        self.state_shape = jax.eval_shape(lambda p: init_state(p, optimizer), params_shape)
+        self.state_shardings = state_shardings(self.state_shape, mesh)
+        self.update = jax.jit(update, donate_argnums=(0, 1), in_shardings=(self.state_shardings, self.acc_shardings),
+                              out_shardings=(self.state_shardings, self.acc_shardings, rep))
+        self._zeros = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.acc_shape),
+                              out_shardings=self.acc_shardings)
+        self._acc = None
+
+    def zeros(self):
+        """A zero accumulator on its shardings (the update hands back a zeroed one for the next step)."""
+        return self._zeros()
+
+    def micro_batches(self, batch) -> list:
+        """A host global batch (single process) -> k micro-batches placed on the mesh."""
+        rows = lambda j: jax.tree.map(lambda x: x[j * self.micro:(j + 1) * self.micro], batch)  # noqa: E731
+        return [parallel.put_batch(rows(j), self.mesh) for j in range(self.k)]
+
+    def __call__(self, state, ref_params, batch, key):
+        """One optimizer step. `batch`: a host global batch, or the k micro-batches already on the mesh."""
+        micro = self.micro_batches(batch) if isinstance(batch, dict) else list(batch)
+        if len(micro) != self.k:
+            raise ValueError(f"expected {self.k} micro-batches, got {len(micro)}")
+        acc = self.zeros() if self._acc is None else self._acc
+        self._acc = None
+        for j, mb in enumerate(micro):
+            acc = self.grad(acc, state["params"], ref_params, mb, key, state["step"], jnp.int32(j))
+        state, self._acc, metrics = self.update(state, acc)
+        return state, metrics
+
+    def _cache_size(self) -> int:
+        return self.grad._cache_size() + self.update._cache_size()
+
+
+def _metric_names(cfg):
+    """Zero scalars named like the objective's metrics (the accumulator's metric part)."""
+    z = jnp.zeros((1, 1), jnp.float32)
+    _, m = jax.eval_shape(lambda: preference_loss(cfg.train.objective, model_w=z, model_l=z, ref_w=z, ref_l=z,
+                                                  target_w=z, target_l=z, ref_neg_l=z, beta=1.0))
+    return {k: jnp.zeros((), jnp.float32) for k in m}
 
 
 def make_train_step(denoise: Denoise, schedule, cfg, mesh, optimizer, params_shape, *, ref_shape=None,
-                    model_apply=None):
-    """Returns `step(state, ref_params, batch, key) -> (state, metrics)`, jitted, state donated.
-
-    state = {"params", "opt_state", "step"}; batch = {"x0_w", "x0_l", "cond_w", "cond_l"} (the loader's
-    names; cond_l is c- or, for the efficient variants, the borrowed condition) as global arrays split over
-    all devices along the pair axis (see parallel.put_batch). `ref_shape` is the reference's tree when it
-    differs from the trainable one (LoRA); `model_apply` then says how the two combine (see pair_forward)."""
-    k = num_micro_batches(cfg, mesh)
-    fsdp_n = mesh.shape["fsdp"]
-    n_dev = mesh.size
-    ref_shape = params_shape if ref_shape is None else ref_shape
-    specs, ref_specs = parallel.tree_specs(params_shape, mesh), parallel.tree_specs(ref_shape, mesh)
-    fsdp_axes = lambda tree: jax.tree.map(lambda s: -1 if parallel.fsdp_axis(s.shape, fsdp_n) is None
-                                          else parallel.fsdp_axis(s.shape, fsdp_n), tree)
-    axes, ref_axes = fsdp_axes(params_shape), fsdp_axes(ref_shape)
-
-    def gather(shards, axes):
-        return jax.tree.map(lambda x, a: x if a < 0 else jax.lax.all_gather(x, "fsdp", axis=a, tiled=True),
-                            shards, axes)
-
-    def reduce(grads):
-        def one(g, a):
-            g = jax.lax.psum(g, "fsdp") if a < 0 else jax.lax.psum_scatter(g, "fsdp", scatter_dimension=a, tiled=True)
-            return jax.lax.psum(g, "data") / (n_dev * k)
-        return jax.tree.map(one, grads, axes)
-
-    def local(param_shards, ref_shards, batch, key):
-        params, ref_params = gather(param_shards, axes), gather(ref_shards, ref_axes)
-        b_local = batch["x0_w"].shape[0]
-        dev = jax.lax.axis_index("data") * fsdp_n + jax.lax.axis_index("fsdp")
-        ids = (dev * b_local + jnp.arange(b_local)).reshape(k, b_local // k)
-        micro = jax.tree.map(lambda x: x.reshape(k, b_local // k, *x.shape[1:]), batch)
-
-        def grads(mb, mids):  # (float32 grads, metrics) of one micro-batch
-            loss_fn = pair_forward(denoise, schedule, cfg, params, ref_params, mb, mids, key, model_apply)
-            (_, m), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
-            return jax.tree.map(lambda x: x.astype(jnp.float32), g), m
-
-        first = (jax.tree.map(lambda x: x[0], micro), ids[0])
-        if k == 1:
-            # No loop for a single micro-batch: XLA:CPU picks slow convolution layouts for gradients taken
-            # inside a while loop (8x slower measured, benchmarks/train_step.py); the math is identical.
-            g, m = grads(*first)
-        else:
-            zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grads, *first))
-            (g, m), _ = jax.lax.scan(lambda acc, xs: (jax.tree.map(jnp.add, acc, grads(*xs)), None), zero,
-                                     (micro, ids))
-        m = jax.tree.map(lambda x: jax.lax.pmean(x / k, parallel.AXES), m)
-        return reduce(g), m
-
-    sharded_grads = jax.shard_map(
-        local, mesh=mesh, in_specs=(specs, ref_specs, parallel.BATCH, P()), out_specs=(specs, P()), check_vma=False)
-
-    def step(state, ref_params, batch, key):
-        key = jax.random.fold_in(key, state["step"])
-        grads, metrics = sharded_grads(state["params"], ref_params, batch, key)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
-
-    state_shape = jax.eval_shape(lambda p: init_state(p, optimizer), params_shape)
-    state_sh = state_shardings(state_shape, mesh)
-    rep = NamedSharding(mesh, P())
-    return jax.jit(step, donate_argnums=(0,),
-                   in_shardings=(state_sh, parallel.tree_shardings(ref_shape, mesh), parallel.batch_sharding(mesh), rep),
-                   out_shardings=(state_sh, rep))
+                    model_apply=None) -> TrainStep:
+    """The train step for `denoise` on `mesh` (see TrainStep); `ref_shape` is the reference's tree when it
+    differs from the trainable one (LoRA, token-ids records), `model_apply` then says how they combine."""
+    return TrainStep(denoise, schedule, cfg, mesh, optimizer, params_shape, ref_shape=ref_shape,
+                     model_apply=model_apply)
 
 
 def init_state(params, optimizer):
-    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+    zero = jnp.zeros((), jnp.int32)
+    return {"params": params, "opt_state": optimizer.init(params), "step": zero, "skipped": zero, "bad_run": zero}
 
 
 def state_shardings(state_shape, mesh):

@@ -11,8 +11,10 @@ preemption) saves before exit; a NaN/inf loss stops the run and keeps the last g
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -36,9 +38,13 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+class OutOfMemory(RuntimeError):
+    pass
+
+
 # What a user's config, files or data can cause; everything else is a bug and keeps its traceback. ValueError
 # covers ConversionError (weights), RecordError (records) and the config/mesh/batch checks.
-USER_ERRORS = (TrainingDiverged, FileNotFoundError, ValueError, NotImplementedError)
+USER_ERRORS = (TrainingDiverged, OutOfMemory, FileNotFoundError, ValueError, NotImplementedError)
 
 
 def peak_flops(device) -> float | None:
@@ -56,23 +62,72 @@ def checkpoint_manager(out, cfg):
 
 
 def save_args(state, rng, loader_state):
+    """The checkpoint's items: `params` on its own (export and sampling restore only it), the rest of the
+    train state, the RNG key and the Grain iterator state."""
     import orbax.checkpoint as ocp
 
-    return ocp.args.Composite(state=ocp.args.StandardSave(state), rng=ocp.args.ArraySave(rng),
-                              loader=ocp.args.JsonSave(loader_state))
+    rest = {k: v for k, v in state.items() if k != "params"}
+    return ocp.args.Composite(params=ocp.args.StandardSave(state["params"]), train=ocp.args.StandardSave(rest),
+                              rng=ocp.args.ArraySave(rng), loader=ocp.args.JsonSave(loader_state))
 
 
 def restore(mngr, step, abstract_state):
     import orbax.checkpoint as ocp
 
-    return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                      rng=ocp.args.ArrayRestore(),
-                                                      loader=ocp.args.JsonRestore()))
+    rest = {k: v for k, v in abstract_state.items() if k != "params"}
+    out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_state["params"]),
+                                                     train=ocp.args.StandardRestore(rest),
+                                                     rng=ocp.args.ArrayRestore(), loader=ocp.args.JsonRestore()))
+    return {"state": {"params": out["params"], **out["train"]}, "rng": out["rng"], "loader": out["loader"]}
+
+
+@contextlib.contextmanager
+def out_of_memory_hint(cfg, mesh):
+    """XLA's RESOURCE_EXHAUSTED (at compile or run time) -> one message naming the keys that lower memory."""
+    import jax
+
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e) and "Out of memory" not in str(e):
+            raise
+        asked = re.search(r"allocate ([0-9.]+[KMGT]?i?B|[0-9]+ bytes)", str(e))
+        raise OutOfMemory(
+            f"out of device memory{' (XLA asked for ' + asked.group(1) + ')' if asked else ''} with "
+            f"train.micro_batch_per_device={cfg.train.micro_batch_per_device}, "
+            f"model.remat_policy={cfg.model.remat_policy!r}, mesh.fsdp={mesh.shape['fsdp']}: lower the first, "
+            "choose a stronger remat policy (dots_saveable < block < full) or shard over more devices "
+            "(benchmarks/memory.py prints the per-device bytes of each choice)") from None
+
+
+def compilation_cache(out) -> str | None:
+    """Turns on JAX's persistent compilation cache, so a resumed or repeated run does not compile again:
+    $DDSPO_JAX_CACHE if set ('off' disables), else <output_dir>/xla_cache. A cache the user configured
+    for JAX directly is left alone."""
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    folder = os.environ.get("DDSPO_JAX_CACHE", "") or str(out / "xla_cache")
+    if folder == "off":
+        return None
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return folder
+
+
+def _np_dtype(name: str):
+    import ml_dtypes
+    import numpy as np
+
+    return {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[name]
 
 
 def train(cfg, *, log=print) -> dict:
     """Runs (or resumes) the configured fine-tune; returns a summary dict."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
     from clu import metric_writers
     from etils import epath
@@ -108,12 +163,14 @@ def train(cfg, *, log=print) -> dict:
         run_prepare(cfg, progress=main_process)
     manifest = read_manifest(cfg.data.records)  # clear error (with how to create it) when missing
     n_proc = jax.process_count()
-    if cfg.train.batch_size % n_proc:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by the {n_proc} processes")
-    # Each process reads only the contiguous block of every global batch that its devices hold, so the global
-    # batch (and the result) is the same for any process count.
-    block, blocks = parallel.process_batch_block(mesh, cfg.train.batch_size)
-    loader = PairLoader(cfg.data.records, batch_size=cfg.train.batch_size // n_proc, seed=cfg.data.shuffle_seed,
+    k, micro = step_lib.micro_batching(cfg, mesh)
+    if micro % n_proc:
+        raise ValueError(f"a micro-batch of {micro} pairs is not divisible by the {n_proc} processes")
+    # The loader yields micro-batches (only one is on device at a time); each process reads only the contiguous
+    # block of every micro-batch that its devices hold, so the global batch (and the result) is the same for
+    # any process count and any micro-batch split.
+    block, blocks = parallel.process_batch_block(mesh, micro)
+    loader = PairLoader(cfg.data.records, batch_size=micro // n_proc, seed=cfg.data.shuffle_seed,
                         variant=cfg.data.variant, worker_count=cfg.data.worker_count, process_index=block,
                         process_count=blocks, extra_dir=cfg.data.extra_records or None)
     if cfg.data.rand_cond != "none" and not cfg.data.extra_records:
@@ -122,26 +179,41 @@ def train(cfg, *, log=print) -> dict:
     # ------------------------------------------------------------------ optimizer and train state
     lr = learning_rate(cfg)
     optimizer, lr_schedule = step_lib.make_optimizer(cfg, lr)
-    ref_unet = parallel.shard_tree(backbone.unet_params, mesh)  # frozen; never donated
-    ref_params, unet_of_ref, embed = ref_unet, (lambda r: r), (lambda r, c: c)
+    host_unet, backbone.unet_params = backbone.unet_params, None  # numpy; only shards go to devices
+    ref_dtype = _np_dtype(cfg.model.ref_dtype or cfg.model.dtype)
+    ref_unet = parallel.shard_tree(jax.tree.map(lambda x: np.asarray(x).astype(ref_dtype), host_unet), mesh)
+    ref_params, unet_of_ref = ref_unet, (lambda r: r)
+    embed = lambda r, c, g: c  # noqa: E731
     if "input_ids" in manifest.get("conditioning", {}):  # token-ids-only records: run the frozen encoders here
         encoder = backbone.load_extras(text=True, vae=False).encoder
-        ref_params = {"unet": ref_unet, "text": parallel.shard_tree(tuple(encoder.params), mesh)}
-        unet_of_ref, embed = (lambda r: r["unet"]), (lambda r, c: encoder.embed_ids(r["text"], c))
+        text = jax.tree.map(lambda x: np.asarray(x).astype(ref_dtype), tuple(encoder.params))
+        ref_params = {"unet": ref_unet, "text": parallel.shard_tree(text, mesh)}
+        unet_of_ref = lambda r: r["unet"]  # noqa: E731
+        embed = lambda r, c, g: encoder.embed_ids(g(r["text"], ("text",)), c)  # noqa: E731
         log("records hold token ids: the step runs the frozen text encoder(s)")
-    trainable, unet_of = ref_unet, (lambda p, r: p)
     if cfg.model.lora_rank > 0:  # train low-rank factors; the frozen base is also the reference
         alpha = cfg.model.lora_alpha or float(cfg.model.lora_rank)
-        trainable = parallel.shard_tree(lora.init(backbone.unet_params, cfg.model.lora_rank,
-                                                  jax.random.key(cfg.seed + 1)), mesh)
-        unet_of = lambda p, r: lora.merge(unet_of_ref(r), p, alpha)  # noqa: E731
+        trainable = parallel.shard_tree(lora.init(host_unet, cfg.model.lora_rank, jax.random.key(cfg.seed + 1)), mesh)
         log(f"LoRA rank {cfg.model.lora_rank}: {lora.count(trainable):,} trainable parameters")
-    # The reference forward and the trainable forward, over whatever the reference tree holds.
-    denoise_ref = lambda r, x, t, c: backbone.denoise(unet_of_ref(r), x, t, embed(r, c))  # noqa: E731
-    model_apply = lambda p, r, x, t, c: backbone.denoise(unet_of(p, r), x, t, embed(r, c))  # noqa: E731
-    to_unet_params = jax.jit(unet_of)  # the current model's UNet params (sample grids)
+
+        def model_apply(p, r, x, t, c, gp, gr):  # the merged UNet, gathered whole (LoRA factors are small)
+            whole = gr(unet_of_ref(r), ("unet",) if isinstance(r, dict) and "text" in r else ())
+            return backbone.denoise(lora.merge(whole, gp(p), alpha), x, t, embed(r, c, gr))
+        to_unet_params = jax.jit(lambda p, r: lora.merge(unet_of_ref(r), p, alpha))
+    else:  # full fine-tune: float32 master weights, fsdp-sharded like the reference
+        trainable = parallel.shard_tree(host_unet, mesh)
+
+        def model_apply(p, r, x, t, c, gp, gr):
+            return backbone.denoise(p, x, t, embed(r, c, gr), gather=gp)
+        to_unet_params = lambda p, r: p  # noqa: E731
+    del host_unet
+
+    def denoise_ref(r, x, t, c, gr):
+        is_pair = isinstance(r, dict) and "text" in r
+        return backbone.denoise(unet_of_ref(r), x, t, embed(r, c, gr), gather=gr.at("unet") if is_pair else gr)
     trainable_shape = jax.eval_shape(lambda: trainable)
     state = step_lib.create_state(trainable, optimizer, mesh)
+    del trainable
     rng = jax.random.key_data(jax.random.key(cfg.seed))
 
     # ------------------------------------------------------------------------- checkpoint / resume
@@ -156,10 +228,14 @@ def train(cfg, *, log=print) -> dict:
         log(f"resumed from {out / 'checkpoints'} at step {start}")
 
     # ----------------------------------------------------------------------------------- step
+    cache = compilation_cache(out)
     train_step = step_lib.make_train_step(denoise_ref, backbone.schedule, cfg, mesh, optimizer, trainable_shape,
                                           ref_shape=jax.eval_shape(lambda: ref_params), model_apply=model_apply)
     # From host data: device_put of a process-local jax Array onto a mesh spanning processes is refused.
     key = jax.random.wrap_key_data(jax.device_put(np.asarray(rng), parallel.NamedSharding(mesh, parallel.P())))
+    if k > 1:
+        log(f"{cfg.train.batch_size} pairs per step = {k} micro-batches of {micro} "
+            f"({cfg.train.micro_batch_per_device} per device)")
 
     stop = {"signal": None}
 
@@ -171,45 +247,63 @@ def train(cfg, *, log=print) -> dict:
     if start == 0:
         writer.write_hparams({k: v for k, v in _flat_hparams(cfg).items()})
 
+    def check_finite(step_no):
+        """Reads the on-device skip counters (before each save and log): the state itself is always finite."""
+        bad, skipped = (int(x) for x in jax.device_get((state["bad_run"], state["skipped"])))
+        if bad >= cfg.train.max_skipped_steps:
+            raise TrainingDiverged(
+                f"the last {bad} steps (to step {step_no}) had a non-finite loss or gradient and were skipped "
+                f"({skipped} in all); the last checkpoint ({out / 'checkpoints'}, step {mngr.latest_step()}) "
+                "holds a finite state. Lower train.lr or train.beta and resume.")
+        return skipped
+
     def save(step_no):
+        check_finite(step_no)
         mngr.save(step_no, args=save_args(state, np.asarray(rng), loader.get_state()), force=True)
 
     grid = SampleGrid(cfg, backbone, mesh, out, writer, log) if cfg.train.sample_every >= 0 else None
 
     # ----------------------------------------------------------------------------------- loop
-    compiled = flops = mfu_peak = None
-    t_last, pairs_last, step_time = time.time(), 0, 0.0
+    grad_fn = update_fn = flops = mfu_peak = None
+    t_last, pairs_last, skipped_seen = time.time(), 0, 0
+    acc = None
     bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", disable=not main_process,
                dynamic_ncols=True)
     step_no = start
     try:
         while step_no < cfg.train.steps:
-            batch = next(loader)
-            batch = parallel.put_batch({k: batch[k] for k in step_lib.step_keys(cfg)}, mesh)
-            if compiled is None:  # compile once; FLOPs of the compiled step from XLA's cost analysis
-                compiled = train_step.lower(state, ref_params, batch, key).compile()
-                cost = compiled.cost_analysis()
-                cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-                # XLA counts a loop body once: scale by the micro-batches (the optimizer update, counted
-                # once, is negligible next to 9 UNet forward-equivalents per pair).
-                flops = float((cost or {}).get("flops", 0.0)) * step_lib.num_micro_batches(cfg, mesh) or None
-                peak = peak_flops(jax.devices()[0])
-                mfu_peak = peak * mesh.size if (peak and flops) else None
             t0 = time.time()
-            state, metrics = compiled(state, ref_params, batch, key)
+            for j in range(k):  # one micro-batch on device at a time; the next one is read while this one runs
+                mb = parallel.put_batch({n: v for n, v in next(loader).items() if n in step_lib.step_keys(cfg)}, mesh)
+                if grad_fn is None:  # compile once (persistent cache); FLOPs from XLA's cost analysis
+                    with out_of_memory_hint(cfg, mesh):
+                        acc = train_step.zeros()
+                        tc = time.time()
+                        args = (acc, state["params"], ref_params, mb, key, state["step"], jnp.int32(0))
+                        grad_fn = train_step.grad.lower(*args).compile()
+                        update_fn = train_step.update.lower(state, acc).compile()
+                        log(f"compiled the step in {time.time() - tc:.1f} s" + (f" (cache: {cache})" if cache else ""))
+                    cost = grad_fn.cost_analysis()
+                    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+                    flops = float((cost or {}).get("flops", 0.0)) * k or None
+                    peak = peak_flops(jax.devices()[0])
+                    mfu_peak = peak * mesh.size if (peak and flops) else None
+                with out_of_memory_hint(cfg, mesh):
+                    acc = grad_fn(acc, state["params"], ref_params, mb, key, state["step"], jnp.int32(j))
+                if j + 1 < k:
+                    jax.block_until_ready(acc)  # bounds the device queue: the next micro-batch is not put early
+            state, acc, metrics = update_fn(state, acc)
             step_no += 1
             if step_no % cfg.train.log_every == 0 or step_no == cfg.train.steps:
                 metrics = jax.device_get(metrics)
-                step_time = (time.time() - t0)
-                if not all(np.isfinite(float(v)) for v in metrics.values()):
-                    raise TrainingDiverged(
-                        f"non-finite metrics at step {step_no}: " +
-                        ", ".join(f"{k}={float(v):.4g}" for k, v in metrics.items()) +
-                        f". Stopped; the last good checkpoint is kept in {out / 'checkpoints'} "
-                        f"(step {mngr.latest_step()}). Lower train.lr or train.beta and resume.")
+                step_time = time.time() - t0
+                skipped = check_finite(step_no)
+                if skipped > skipped_seen:
+                    log(f"step {step_no}: non-finite loss or gradient, update skipped ({skipped} so far)")
+                    skipped_seen = skipped
                 now = time.time()
                 pairs = (step_no - start) * cfg.train.batch_size
-                scalars = {k: float(v) for k, v in metrics.items()}
+                scalars = {k_: float(v) for k_, v in metrics.items()}
                 scalars.update(lr=float(lr_schedule(step_no - 1)), step_time_s=step_time,
                                pairs_per_s=(pairs - pairs_last) / max(now - t_last, 1e-9))
                 if flops and mfu_peak:
@@ -239,10 +333,11 @@ def train(cfg, *, log=print) -> dict:
                "params": state["params"], "records": str(cfg.data.records),
                "samples": str(out / "samples") if grid is not None and grid.written else None, "export": None}
     mngr.close()
-    if cfg.train.export_at_end and main_process:
+    if cfg.train.export_at_end:  # every process takes part in the restore; process 0 writes
         from ddspo_jax.export import export
 
-        summary["export"] = str(export(out, out / "export", overwrite=True, log=log))
+        path = export(out, out / "export", overwrite=True, log=log)
+        summary["export"] = str(path) if main_process else None
     return summary
 
 

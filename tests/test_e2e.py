@@ -10,7 +10,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["--config.data.prompt_limit=16", "--config.data.shard_size=8", "--config.prepare.batch_size=8",
-         "--config.prepare.steps=2", "--config.train.batch_size=8", "--config.train.micro_batch_size=4",
+         "--config.prepare.steps=2", "--config.train.batch_size=8", "--config.train.micro_batch_per_device=2",
          "--config.train.checkpoint_every=2", "--config.train.sample_every=2", "--config.train.warmup_steps=1"]
 
 

@@ -16,8 +16,9 @@ from ddspo_jax.config import SCHEMA
 from test_train import assets, run_train, write_config  # noqa: F401  (assets: fixture)
 
 CFG = {"train.steps": 4, "train.checkpoint_every": 2}
-# Sample grids and the export need a text encoder and a VAE, which the tiny test model has not.
-CFG.update({k: v for k, v in {"train.sample_every": -1, "train.export_at_end": False}.items() if k in SCHEMA})
+# Sample grids need a text encoder and a VAE, which the tiny test model has not; the end-of-run export
+# (every process restores, process 0 writes) runs.
+CFG.update({k: v for k, v in {"train.sample_every": -1}.items() if k in SCHEMA})
 CASES = {
     # fsdp=4: parameters and optimizer state sharded across both processes (cross-process all-gather,
     # reduce-scatter, and a checkpoint written by both); the batch split over all 4 devices.
@@ -74,11 +75,15 @@ def saved_state(out: Path, step: int):
     import orbax.checkpoint as ocp
 
     ckpt = ocp.StandardCheckpointer()
-    path = (out / "checkpoints" / str(step) / "state").absolute()
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev),
-                          ckpt.metadata(path).item_metadata)
-    return ckpt.restore(path, target)
+    state = {}
+    for item in ("params", "train"):
+        path = (out / "checkpoints" / str(step) / item).absolute()
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev),
+                              ckpt.metadata(path).item_metadata.tree)
+        tree = ckpt.restore(path, target)
+        state.update({"params": tree} if item == "params" else tree)
+    return state
 
 
 def max_abs_diff(a, b) -> float:
@@ -113,6 +118,7 @@ def test_two_processes_checkpoint_resume_equal_single_process(assets, tmp_path, 
     assert "at step 2" not in second[1][1], "process 1 logged (only process 0 should)"
     assert sorted(p.name for p in (multi / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
     assert (multi / "config.json").is_file()
+    assert (multi / "export" / "unet" / "config.json").is_file(), "the multi-process export did not complete"
     assert len(list(multi.glob("events.out.tfevents.*"))) == 2, "TensorBoard events from process 1"
 
     for step in (2, 4):  # params and optimizer state

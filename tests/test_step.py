@@ -23,15 +23,17 @@ class TinyDenoiser(nn.Module):
 
 
 def denoise_fn(model):
-    return lambda p, x, t, cond: model.apply({"params": p}, x, t, cond["hidden"])
+    return lambda p, x, t, cond, gather: model.apply({"params": gather(p)}, x, t, cond["hidden"])
 
 
 def make_cfg(objective="ddspo", batch=16, micro=0):
+    """micro: pairs per device per micro-batch (0: no accumulation)."""
     cfg = base_config()
     cfg.train.objective = objective
     cfg.train.beta = 500.0
     cfg.train.batch_size = batch
-    cfg.train.micro_batch_size = micro
+    cfg.train.micro_batch_per_device = micro
+    cfg.model.dtype = "float32"
     cfg.train.warmup_steps = 0
     cfg.train.lr = 1e-3
     return cfg
@@ -63,11 +65,11 @@ def run_steps(setup, cfg, data, fsdp, devices=None, n_steps=2):
     state = step_lib.create_state(ref, opt, mesh)
     metrics = []
     for i in range(n_steps):
-        state, m = train_step(state, ref, parallel.put_batch(make_batch(seed=i), mesh), jax.random.key(7))
+        state, m = train_step(state, ref, make_batch(seed=i), jax.random.key(7))
         metrics.append(jax.device_get(m))
     # the reference survives the donated state and is unchanged
     np.testing.assert_array_equal(jax.device_get(ref["Conv_0"]["kernel"]), params["Conv_0"]["kernel"])
-    assert train_step._cache_size() == 1
+    assert train_step.grad._cache_size() == 1 and train_step.update._cache_size() == 1
     return jax.device_get(state["params"]), metrics
 
 
@@ -104,7 +106,7 @@ def test_fsdp_actually_shards(setup):
 @pytest.mark.parametrize("objective", ["ddspo", "dspo"])
 def test_accumulation_equals_big_batch(setup, objective):
     big = run_steps(setup, make_cfg(objective, micro=0), 2, 4)
-    acc = run_steps(setup, make_cfg(objective, micro=8), 2, 4)
+    acc = run_steps(setup, make_cfg(objective, micro=1), 2, 4)  # 2 micro-batches of 8 pairs
     assert_same(big, acc)
 
 
@@ -115,9 +117,11 @@ def test_other_objectives_run(setup, objective):
 
 
 def test_bad_batch_split(setup):
-    cfg = make_cfg(batch=16, micro=6)
-    with pytest.raises(ValueError, match="micro_batch_size"):
+    cfg = make_cfg(batch=16, micro=3)
+    with pytest.raises(ValueError, match="micro_batch_per_device"):
         step_lib.num_micro_batches(cfg, parallel.make_mesh(8, 1))
+    with pytest.raises(ValueError, match="not divisible by the 8 devices"):
+        step_lib.num_micro_batches(make_cfg(batch=12), parallel.make_mesh(8, 1))
     with pytest.raises(ValueError, match="needs 6 devices"):
         parallel.make_mesh(3, 2)
 
@@ -137,7 +141,8 @@ def test_lora_step_trains_only_factors_and_meshes_agree(setup):
 
     cfg = make_cfg("ddspo")
     denoise = denoise_fn(model)
-    apply = lambda p, ref, x, t, c: denoise(lora.merge(ref, p, 2.0), x, t, c)
+    apply = lambda p, ref, x, t, c, gp, gr: model.apply({"params": lora.merge(gr(ref), gp(p), 2.0)}, x, t,
+                                                        c["hidden"])
     results = []
     for data, fsdp, devs in ((1, 1, jax.devices()[:1]), (2, 4, None)):
         mesh = parallel.make_mesh(data, fsdp, devs)
@@ -149,7 +154,7 @@ def test_lora_step_trains_only_factors_and_meshes_agree(setup):
         state = step_lib.create_state(parallel.shard_tree(factors, mesh), opt, mesh)
         ms = []
         for i in range(2):
-            state, m = train_step(state, ref, parallel.put_batch(make_batch(seed=i), mesh), jax.random.key(3))
+            state, m = train_step(state, ref, make_batch(seed=i), jax.random.key(3))
             ms.append(jax.device_get(m))
         assert ms[0]["loss"] == pytest.approx(np.log(2.0), abs=1e-4)
         out = jax.device_get(state["params"])
@@ -173,7 +178,7 @@ def test_rand_cond_swaps_prompts_on_device(setup):
         ref = parallel.shard_tree(params, mesh)
         state = step_lib.create_state(ref, opt, mesh)
         batch = {k: batch[k] for k in step_lib.step_keys(cfg)}
-        state, m = train_step(state, ref, parallel.put_batch(batch, mesh), jax.random.key(3))
+        state, m = train_step(state, ref, batch, jax.random.key(3))
         return jax.device_get((state["params"], m))
 
     cfg = make_cfg("ddspo")

@@ -53,7 +53,7 @@ def write_config(path: Path, assets: Path, out: Path, **over):
             c.data.records = {str(assets / 'records')!r}
             c.output_dir = {str(out)!r}
             c.train.batch_size = 8
-            c.train.micro_batch_size = 4
+            c.train.micro_batch_per_device = 1
             c.train.beta = 500.0
             c.train.lr = 1e-4
             c.train.warmup_steps = 2
@@ -73,8 +73,7 @@ def final_params(out: Path, step: int):
     import orbax.checkpoint as ocp
 
     ckpt = ocp.StandardCheckpointer()
-    tree = ckpt.restore((out / "checkpoints" / str(step) / "state").absolute())
-    return tree["params"]
+    return ckpt.restore((out / "checkpoints" / str(step) / "params").absolute())
 
 
 def test_train_checkpoints_events_and_resume(assets, tmp_path):
@@ -142,12 +141,14 @@ def test_nan_stops_and_keeps_last_good_checkpoint(assets, tmp_path):
                                                            "train.checkpoint_every": 1})
     res = run_train(cfg)
     assert res.returncode != 0
-    assert "non-finite metrics" in res.stderr and "last good checkpoint" in res.stderr
+    # non-finite steps are skipped on device; after train.max_skipped_steps (3) in a row the run stops
+    assert "non-finite loss or gradient and were skipped" in res.stderr and "holds a finite state" in res.stderr
+    assert "Traceback" not in res.stderr
     saved = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved, "the good checkpoint before the blow-up was not kept"
-    params = final_params(out, saved[-1])
+    assert saved, "no checkpoint was kept"
     import jax
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+    for step in saved:  # every checkpoint written, including those after the first bad step, is finite
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(final_params(out, step))), step
 
 
 def test_missing_records_explains(assets, tmp_path):

@@ -254,7 +254,7 @@ def test_remat_keeps_params_and_gradients(tiny, loaded):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 16))
     ctx = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 8))
     grads = []
-    for policy in ("none", "full", "dots_saveable"):
+    for policy in ("none", "block", "full", "dots_saveable"):
         block = Transformer2DModel(2, 2, 4, False, False, _Opts(remat_policy=policy))
         p = block.init(jax.random.PRNGKey(2), x, ctx)
         grads.append(jax.jit(jax.grad(lambda p, x: jnp.sum(block.apply(p, x, ctx) ** 2), argnums=(0, 1)))(p, x))

@@ -40,8 +40,11 @@ def check_diffusers_layout(state_dict: Mapping[str, Any], source: str, family: s
 
 def load_unet(path: str | os.PathLike, dtype=jnp.float32, param_dtype=jnp.float32, *, config: Any = None,
               variant: str | None = None, attention_impl: str | None = None,
-              remat_policy: str = "none") -> tuple[UNet2DConditionModel, dict]:
+              remat_policy: str = "none", on_host: bool = False) -> tuple[UNet2DConditionModel, dict]:
     """A diffusers UNet folder, pipeline folder (uses unet/) or single .safetensors -> (model, params).
+
+    on_host=True keeps the params as numpy arrays (the trainer shards them from host memory, so no device
+    ever holds the whole tree).
 
     Raises ConversionError listing every missing / unexpected / mis-shaped key, and
     UnsupportedConfigError naming any config field the port does not implement.
@@ -52,7 +55,7 @@ def load_unet(path: str | os.PathLike, dtype=jnp.float32, param_dtype=jnp.float3
     check_diffusers_layout(state_dict, source, "UNet", ("model.diffusion_model.", "model_ema."))
     params = params_from_state_dict(UNET_TABLE, model.init_shapes(), state_dict, dtype=param_dtype,
                                     source=source)
-    return model, jax.tree.map(jnp.asarray, params)
+    return model, (params if on_host else jax.tree.map(jnp.asarray, params))
 
 
 def export_config_and_weights(config: dict, table: KeyTable, params, out_dir, dtype) -> Path:

@@ -18,26 +18,40 @@ Dtype = Any
 
 ATTENTION_IMPLS = (None, "auto", "xla", "cudnn")
 
-# Names accepted by `remat_policy` config fields -> jax.checkpoint policy (None: save nothing).
+# `model.remat_policy` -> what a block (a ResNet or transformer block, the unit of remat and of the fsdp
+# gather) keeps for the backward pass. "full" also checkpoints the whole denoiser call (backbones).
 REMAT_POLICIES: dict[str, Optional[Callable]] = {
-    "full": None,
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+    "none": None,                                              # keep everything (no recompute)
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,    # keep matmul/conv outputs, recompute the rest
+    "block": jax.checkpoint_policies.nothing_saveable,         # keep only each block's inputs
+    "full": jax.checkpoint_policies.nothing_saveable,          # block + the whole forward recomputed
 }
 
 
-def maybe_remat(module_cls, policy: str):
-    """Wraps a block class in `nn.remat` with the named policy ("none" leaves it alone).
-
-    Param names are unaffected (they come from `name=`), so checkpointing never changes the key table.
-    """
-    if policy == "none":
-        return module_cls
+def check_remat_policy(policy: str) -> str:
     if policy not in REMAT_POLICIES:
-        raise ValueError(f"remat_policy={policy!r} is not one of {['none', *REMAT_POLICIES]}")
-    return nn.remat(module_cls, policy=REMAT_POLICIES[policy])
+        raise ValueError(f"remat_policy={policy!r} is not one of {list(REMAT_POLICIES)}")
+    return policy
+
+
+def unit(module_cls, policy: str, gather=None, path: tuple[str, ...] = ()):
+    """A block as the unit of rematerialisation and of the fsdp gather.
+
+    With `gather` (a `parallel.Gather`, set only inside the train step's shard_map) the block's parameter
+    shards are all-gathered in the compute dtype when it runs (`nn.map_variables`), inside `nn.remat`, so the
+    whole weights live only while the block runs and the backward pass gathers them again. With policy
+    "none" only the gathered weights are recomputed (saved: everything else). Param names are unaffected."""
+    check_remat_policy(policy)
+    if gather is None:
+        return module_cls if policy == "none" else nn.remat(module_cls, policy=REMAT_POLICIES[policy])
+    mapped = nn.map_variables(module_cls, "params", trans_in_fn=lambda v: {"params": gather(v["params"], path)})
+    keep = REMAT_POLICIES[policy] or jax.checkpoint_policies.save_anything_except_these_names("fsdp_gathered")
+    return nn.remat(mapped, policy=keep)
+
+
+def maybe_remat(module_cls, policy: str):
+    """`unit` without fsdp (the VAE and other modules that never train sharded)."""
+    return unit(module_cls, policy)
 
 
 def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any, Mapping, Optional
 
 import jax
@@ -18,7 +19,7 @@ import flax.linen as nn
 
 from ddspo_jax.models.layers import (
     ATTENTION_IMPLS, Downsample2D, GroupNorm, LayerNorm, ResnetBlock2D, TimestepEmbedding, Upsample2D,
-    attention, conv, maybe_remat, timestep_embedding,
+    attention, check_remat_policy, conv, timestep_embedding, unit,
 )
 
 Dtype = Any
@@ -219,6 +220,7 @@ class _Opts:
     attention_impl: Optional[str] = None
     upcast_attention: bool = False
     remat_policy: str = "none"
+    gather: Any = None  # parallel.Gather inside the train step's shard_map (per-block fsdp gather)
 
 
 class Attention(nn.Module):
@@ -299,9 +301,10 @@ class Transformer2DModel(nn.Module):
             h = nn.Dense(ch, dtype=o.dtype, param_dtype=o.param_dtype, name="proj_in")(h.reshape(b, -1, ch))
         else:
             h = conv(ch, 1, o.dtype, o.param_dtype, "proj_in")(h).reshape(b, -1, ch)
-        block = maybe_remat(BasicTransformerBlock, o.remat_policy)
         for i in range(self.num_layers):
-            h = block(self.heads, self.only_cross_attention, o, name=f"transformer_blocks_{i}")(h, context)
+            name = f"transformer_blocks_{i}"
+            block = unit(BasicTransformerBlock, o.remat_policy, o.gather, self.path + (name,))
+            h = block(self.heads, self.only_cross_attention, o, name=name)(h, context)
         if self.use_linear_projection:
             h = nn.Dense(ch, dtype=o.dtype, param_dtype=o.param_dtype, name="proj_out")(h)
             h = h.reshape(b, hgt, wid, ch)
@@ -326,14 +329,14 @@ class UNetBlock(nn.Module):
     @nn.compact
     def __call__(self, x, temb, context, res=(), upsample_size=None):
         c, o = self.cfg, self.opts
-        resnet = maybe_remat(ResnetBlock2D, o.remat_policy)
+        resnet = lambda name: unit(ResnetBlock2D, o.remat_policy, o.gather, self.path + (name,))  # noqa: E731
         outputs = ()
         res = list(res)
         for j in range(self.num_layers):
             if self.kind == "up":
                 x = jnp.concatenate([x, res.pop().astype(x.dtype)], axis=-1)
-            x = resnet(self.out_channels, c.norm_num_groups, c.norm_eps, 1.0, o.dtype, o.param_dtype,
-                       name=f"resnets_{j}")(x, temb)
+            x = resnet(f"resnets_{j}")(self.out_channels, c.norm_num_groups, c.norm_eps, 1.0, o.dtype,
+                                       o.param_dtype, name=f"resnets_{j}")(x, temb)
             if self.transformer_layers:
                 x = Transformer2DModel(self.heads, self.transformer_layers[j], c.norm_num_groups,
                                        c.use_linear_projection, self.only_cross_attention, o,
@@ -358,12 +361,12 @@ class MidBlock(nn.Module):
     def __call__(self, x, temb, context):
         c, o = self.cfg, self.opts
         ch = c.block_out_channels[-1]
-        resnet = maybe_remat(ResnetBlock2D, o.remat_policy)
+        resnet = lambda name: unit(ResnetBlock2D, o.remat_policy, o.gather, self.path + (name,))  # noqa: E731
         args = (ch, c.norm_num_groups, c.norm_eps, c.mid_block_scale_factor, o.dtype, o.param_dtype)
-        x = resnet(*args, name="resnets_0")(x, temb)
+        x = resnet("resnets_0")(*args, name="resnets_0")(x, temb)
         x = Transformer2DModel(c.num_heads[-1], c.mid_transformer_layers, c.norm_num_groups,
                                c.use_linear_projection, False, o, name="attentions_0")(x, context)
-        return resnet(*args, name="resnets_1")(x, temb)
+        return resnet("resnets_1")(*args, name="resnets_1")(x, temb)
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -377,6 +380,7 @@ class UNet2DConditionModel(nn.Module):
     param_dtype: Dtype = jnp.float32
     attention_impl: Optional[str] = None
     remat_policy: str = "none"
+    gather: Any = None  # set by `apply_sharded` only
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | UNetConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -385,7 +389,7 @@ class UNet2DConditionModel(nn.Module):
             config = UNetConfig.from_diffusers(config)
         if attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={attention_impl!r} is not one of {ATTENTION_IMPLS}")
-        maybe_remat(nn.Module, remat_policy)  # validates the name
+        check_remat_policy(remat_policy)
         return cls(config, dtype, param_dtype, attention_impl, remat_policy)
 
     def dummy_inputs(self, batch: int = 1):
@@ -408,7 +412,8 @@ class UNet2DConditionModel(nn.Module):
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, added_cond=None):
         c = self.config
-        o = _Opts(self.dtype, self.param_dtype, self.attention_impl, c.upcast_attention, self.remat_policy)
+        o = _Opts(self.dtype, self.param_dtype, self.attention_impl, c.upcast_attention, self.remat_policy,
+                  self.gather)
         d, pd = self.dtype, self.param_dtype
         b = sample.shape[0]
         if sample.ndim != 4 or sample.shape[-1] != c.in_channels:
@@ -460,6 +465,21 @@ class UNet2DConditionModel(nn.Module):
 
         x = nn.silu(GroupNorm(c.norm_num_groups, c.norm_eps, pd, name="conv_norm_out")(x))
         return conv(c.out_channels, c.conv_out_kernel, d, pd, "conv_out")(x)
+
+
+def in_unit(names: tuple[str, ...]) -> bool:
+    """True for a parameter inside a block that gathers its own weights (a ResNet or transformer block)."""
+    return any(_UNIT.fullmatch(n) for n in names)
+
+
+_UNIT = re.compile(r"(resnets|transformer_blocks)_\d+")
+
+
+def apply_sharded(model: UNet2DConditionModel, gather, params, *args, **kwargs):
+    """`model.apply` on fsdp *shards* inside a shard_map: each ResNet / transformer block gathers its own
+    weights when it runs (models/layers.unit); the few weights outside blocks (conv_in/out, embeddings,
+    norms, proj_in/out, resamplers: ~4 % of SDXL) are gathered here for the whole call."""
+    return model.clone(gather=gather).apply({"params": gather(params, skip=in_unit)}, *args, **kwargs)
 
 
 def count_params(tree) -> int:
