@@ -8,7 +8,10 @@ from ddspo_jax.config import SCHEMA, ConfigError, base_config, check_override_ke
 def test_base_config_is_valid_and_complete():
     cfg = validate(base_config())
     assert cfg.train.objective == "ddspo" and cfg.train.beta == 16000.0
-    assert learning_rate(cfg) == pytest.approx(16000 / 2.048e8)
+    # the release: --learning_rate 2.5e-9 --scale_lr at an effective batch of 2048 pairs
+    assert learning_rate(cfg) == pytest.approx(5.12e-6)
+    cfg.train.batch_size = 256
+    assert learning_rate(cfg) == pytest.approx(2.5e-9 * 256)
     cfg.train.lr = 1e-5
     assert learning_rate(cfg) == 1e-5
     assert all(k in describe() for k in SCHEMA)
@@ -62,7 +65,30 @@ def test_shipped_configs_validate():
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         cfg = validate(mod.get_config())
-        if f.stem in ("sd14", "sd15", "sdxl"):  # the paper's defaults
-            assert cfg.train.beta == 16000.0 and cfg.train.lr is None and cfg.train.batch_size == 2048
-            assert cfg.train.steps == 100 and cfg.train.warmup_steps == 100
-            assert cfg.train.optimizer == ("adafactor" if f.stem == "sdxl" else "adamw")
+        if f.stem in ("sd14", "sd15", "sdxl"):  # the release's values: the next test
+            assert cfg.train.lr is None
+
+
+@pytest.mark.parametrize("key,value", [("model.remat_policy", "sometimes"), ("model.attention", "flash"),
+                                       ("model.ref_dtype", "int8")])
+def test_choices_named(key, value):
+    cfg = base_config()
+    section, name = key.split(".")
+    cfg[section][name] = value
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(cfg)
+
+
+def test_shipped_configs_carry_the_release_hyperparameters():
+    """scripts/train_ddspo.sh + ddspo/args.py of KU-MIIL/DDSPO (README's table)."""
+    from pathlib import Path
+    from runpy import run_path
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    for name, steps, weighting in (("sd15", 200, "none"), ("sd14", 200, "none"), ("sdxl", 500, "linear")):
+        c = validate(run_path(str(root / f"{name}.py"))["get_config"]())
+        assert learning_rate(c) == pytest.approx(5.12e-6), name
+        assert (c.train.batch_size, c.train.beta, c.train.warmup_steps, c.train.steps) == (2048, 16000.0, 100, steps)
+        assert (c.train.optimizer, c.train.adam_b1, c.train.adam_b2, c.train.adam_eps, c.train.weight_decay,
+                c.train.grad_clip) == ("adamw", 0.9, 0.999, 1e-8, 1e-2, 1.0), name
+        assert c.schedule.loss_weighting == weighting, name
