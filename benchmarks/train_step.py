@@ -38,7 +38,6 @@ import copy
 import importlib.util
 import json
 import math
-import re
 import statistics
 import sys
 import tempfile
@@ -93,7 +92,7 @@ def bench_cfg(batch: int, micro: int, dtype: str = "float32", base=None):
     cfg = base if base is not None else base_config()
     cfg.train.objective = "ddspo"
     cfg.train.batch_size = batch
-    cfg.train.micro_batch_size = micro if micro and micro != batch else 0
+    cfg.train.micro_batch_per_device = micro if micro and micro != batch else 0  # one device on the CPU path
     cfg.model.dtype = dtype
     cfg.mesh.data, cfg.mesh.fsdp = -1, 1
     if base is None:
@@ -133,7 +132,7 @@ class TorchDDSPO:
         self.opt = torch.optim.AdamW(self.unet.parameters(), lr=lr, betas=(t.adam_b1, t.adam_b2),
                                      weight_decay=t.weight_decay, eps=1e-8)
         self.beta, self.grad_clip = t.beta, t.grad_clip
-        self.micro = t.micro_batch_size or t.batch_size
+        self.micro = t.micro_batch_per_device or t.batch_size
         self.T = s.num_train_timesteps
 
     @staticmethod
@@ -222,7 +221,8 @@ def cpu_compare(args) -> None:
 
     rng = np.random.default_rng(0)
     host_batch = make_batch(rng, B, size, SMALL.get("in_channels", 4), SMALL["cross_attention_dim"])
-    batch = parallel.put_batch(host_batch, mesh)
+    batch = parallel.put_batch(host_batch, mesh)  # for pair_noise below
+    micro_batches = train_step.micro_batches(host_batch)  # placed once, reused by every timed step
     tbatch = to_torch_batch(host_batch)
 
     # --- PyTorch: the same module (the reference is a frozen copy) ------------------------------------
@@ -238,32 +238,31 @@ def cpu_compare(args) -> None:
                       torch.from_numpy(np.ascontiguousarray(np.asarray(nw).transpose(0, 3, 1, 2)))))
 
     t0 = time.perf_counter()
-    state, m = train_step(state, ref_params, batch, key)
+    state, m = train_step(state, ref_params, micro_batches, key)
     jax_losses = [float(jax.block_until_ready(m)["loss"])]
     first_call = time.perf_counter() - t0
     t0 = time.perf_counter()
     torch_losses = [tstep.step(tbatch, *check[0])]
     torch_first = time.perf_counter() - t0
-    state, m = train_step(state, ref_params, batch, key)
+    state, m = train_step(state, ref_params, micro_batches, key)
     jax_losses.append(float(jax.block_until_ready(m)["loss"]))
     torch_losses.append(tstep.step(tbatch, *check[1]))
 
     for _ in range(max(args.warmup - 1, 0)):  # steps 0 and 1 above were the first warm-up
-        state, m = train_step(state, ref_params, batch, key)
+        state, m = train_step(state, ref_params, micro_batches, key)
         jax.block_until_ready((state, m))
         tstep.step(tbatch)
 
     jt, tt = [], []
     for _ in range(args.steps):  # alternate, so background load hits both alike
         t0 = time.perf_counter()
-        state, m = train_step(state, ref_params, batch, key)
+        state, m = train_step(state, ref_params, micro_batches, key)
         jax.block_until_ready((state, m))
         jt.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         tstep.step(tbatch)
         tt.append(time.perf_counter() - t0)
-    assert train_step._cache_size() == 1, "the JAX step recompiled"
-    diag = diagnose(backbone, cfg, optimizer, ref_params, batch, key, train_step, args.steps) if args.diagnose else None
+    assert train_step.grad._cache_size() == 1 and train_step.update._cache_size() == 1, "the JAX step recompiled"
 
     j_ms, t_ms = 1e3 * median(jt), 1e3 * median(tt)
     print(f"CPU, small SD-1.x-like diffusers UNet ({count_params(backbone.unet_params) / 1e6:.2f}M params), "
@@ -278,14 +277,7 @@ def cpu_compare(args) -> None:
              f"{jax_losses[0]:.6f}", f"{jax_losses[1]:.6f}"],
             ["PyTorch (diffusers DPO style)", f"{t_ms:.1f}", f"{min(tt) * 1e3:.1f}", f"{B / (t_ms / 1e3):.2f}",
              f"{torch_losses[0]:.6f}", f"{torch_losses[1]:.6f}"]]
-    if diag:
-        rows.append(["JAX, same math without lax.scan/shard_map (diagnostic)", f"{diag['ms']:.1f}",
-                     f"{diag['min_ms']:.1f}", f"{B / (diag['ms'] / 1e3):.2f}", f"{diag['loss0']:.6f}", "-"])
     print(table(["implementation", "step ms (median)", "min ms", "pairs/s", "loss step 0", "loss step 1"], rows))
-    if diag:
-        print(f"diagnostic: {diag['bad']} of {diag['n']} convolutions in the compiled JAX step are not in XLA:CPU's "
-              f"Eigen form (dim_labels b01f_01io->b01f) and run as naive loops; without the scan: "
-              f"{diag['bad_plain']} of {diag['n_plain']}")
     print(f"ratio PyTorch / JAX step time: {t_ms / j_ms:.2f}x  "
           f"({'JAX faster' if t_ms > j_ms else 'PyTorch faster'})")
     rel = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(jax_losses, torch_losses)]
@@ -296,44 +288,6 @@ def cpu_compare(args) -> None:
     print(f"RESULT jax_ms={j_ms:.3f} torch_ms={t_ms:.3f} ratio={t_ms / j_ms:.4f} "
           f"jax_loss0={jax_losses[0]:.8f} torch_loss0={torch_losses[0]:.8f} "
           f"jax_loss1={jax_losses[1]:.8f} torch_loss1={torch_losses[1]:.8f}")
-
-
-def _conv_forms(hlo_text):
-    labels = re.findall(r" convolution\(.*?dim_labels=([^ ,]+)", hlo_text)
-    return len(labels), sum(lab != "b01f_01io->b01f" for lab in labels)
-
-
-def diagnose(backbone, cfg, optimizer, ref_params, batch, key, train_step, steps):
-    """The same step math (step_lib.pair_forward + the same optimizer) as one jit without lax.scan and
-    shard_map (single device, whole batch as one micro-batch), timed; and the convolution forms XLA:CPU
-    compiled in both. Not the project's step: a diagnostic for where the project's step loses time."""
-    import optax
-
-    ids = jnp.arange(cfg.train.batch_size)
-
-    def plain(state, ref, batch, key):
-        k = jax.random.fold_in(key, state["step"])
-        loss_fn = step_lib.pair_forward(backbone.denoise, backbone.schedule, cfg, state["params"], ref, batch, ids, k)
-        (_, m), g = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        upd, opt_state = optimizer.update(g, state["opt_state"], state["params"])
-        return {"params": optax.apply_updates(state["params"], upd), "opt_state": opt_state,
-                "step": state["step"] + 1}, m
-
-    fn = jax.jit(plain, donate_argnums=(0,))
-    state = step_lib.init_state(jax.tree.map(jnp.copy, ref_params), optimizer)
-    n, bad = _conv_forms(train_step.lower(state, ref_params, batch, key).compile().as_text())
-    n_plain, bad_plain = _conv_forms(fn.lower(state, ref_params, batch, key).compile().as_text())
-    state, m = fn(state, ref_params, batch, key)
-    loss0 = float(jax.device_get(m)["loss"])
-    times = []
-    for _ in range(steps + 1):
-        t0 = time.perf_counter()
-        state, m = fn(state, ref_params, batch, key)
-        jax.block_until_ready((state, m))
-        times.append(time.perf_counter() - t0)
-    times = times[1:]
-    return dict(ms=1e3 * median(times), min_ms=1e3 * min(times), loss0=loss0, n=n, bad=bad, n_plain=n_plain,
-                bad_plain=bad_plain)
 
 
 # ------------------------------------------------------------------------------------------ accelerator path
@@ -386,8 +340,12 @@ def accel_one(name, unet_config, hw, batch, micro, cfg_name, steps, warmup, smok
     ref_params = jax.jit(lambda: model.init(jax.random.PRNGKey(0), *model.dummy_inputs())["params"],
                          out_shardings=parallel.tree_shardings(params_shape, mesh))()
     optimizer, _ = step_lib.make_optimizer(cfg, learning_rate(cfg))
-    state = step_lib.create_state(ref_params, optimizer, mesh)
-    train_step = step_lib.make_train_step(backbone.denoise, backbone.schedule, cfg, mesh, optimizer, params_shape)
+    state = step_lib.create_state(ref_params, optimizer, mesh)  # float32 master weights
+    cd = jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32  # the reference in the compute dtype
+    ref_params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(cd), p),
+                         out_shardings=parallel.tree_shardings(params_shape, mesh))(ref_params)
+    train_step = step_lib.make_train_step(backbone.denoise, backbone.schedule, cfg, mesh, optimizer, params_shape,
+                                          ref_shape=jax.eval_shape(lambda: ref_params))
 
     ctx = c.cross_attention_dim[0]
     bsh = parallel.batch_sharding(mesh)
@@ -404,16 +362,20 @@ def accel_one(name, unet_config, hw, batch, micro, cfg_name, steps, warmup, smok
             batch_[which]["pooled_prompt_embeds"] = mk(k, (batch, pooled))
             batch_[which]["add_time_ids"] = jax.device_put(ids, bsh)
     key = jax.device_put(jax.random.key(0), parallel.NamedSharding(mesh, parallel.P()))
+    micro_batches = [jax.tree.map(lambda x: x[j * train_step.micro:(j + 1) * train_step.micro], batch_)
+                     for j in range(train_step.k)]
+    micro_batches = [jax.device_put(mb, bsh) for mb in micro_batches]
 
     t0 = time.perf_counter()
-    compiled = train_step.lower(state, ref_params, batch_, key).compile()
+    acc = train_step.zeros()
+    compiled = train_step.grad.lower(acc, state["params"], ref_params, micro_batches[0], key, state["step"],
+                                     jnp.int32(0)).compile()
+    compiled_update = train_step.update.lower(state, acc).compile()
     compile_s = time.perf_counter() - t0
-    k = batch // (cfg.train.micro_batch_size or batch)
-    # XLA's cost analysis counts a while-loop body once, not once per trip: the micro-batch lax.scan's FLOPs
-    # are k times what it reports (checked: fwd-equiv/pair halves with k = 2 uncorrected). Scale the scan's
-    # share by k; the optimizer update outside the loop is negligible next to it.
+    k = train_step.k
+    # One compiled program per micro-batch (no loop): the step's FLOPs are k of them plus the update.
     step_flops_raw = xla_flops(compiled)
-    step_flops = step_flops_raw * k
+    step_flops = step_flops_raw * k + xla_flops(compiled_update)
     mem = compiled.memory_analysis()
     # One forward of one sample, counted by XLA on the lowered (unoptimised) HLO: the per-sample unit.
     one = lambda a: a[:1]
@@ -422,12 +384,12 @@ def accel_one(name, unet_config, hw, batch, micro, cfg_name, steps, warmup, smok
     fwd_flops = xla_flops(fwd)
 
     for _ in range(warmup):
-        state, m = train_step(state, ref_params, batch_, key)
+        state, m = train_step(state, ref_params, micro_batches, key)
         jax.block_until_ready((state, m))
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        state, m = train_step(state, ref_params, batch_, key)
+        state, m = train_step(state, ref_params, micro_batches, key)
         jax.block_until_ready((state, m))
         times.append(time.perf_counter() - t0)
     loss = float(jax.device_get(m)["loss"])
@@ -438,7 +400,7 @@ def accel_one(name, unet_config, hw, batch, micro, cfg_name, steps, warmup, smok
     analytic = ANALYTIC_FWD_TFLOP.get(name)
     pair_flops_an = FWD_PER_PAIR * (analytic * 1e12 if analytic else fwd_flops)
     out = dict(name=name, family=family, latents=f"{hw}x{hw}", params_M=count_params(ref_params) / 1e6,
-               batch=batch, micro=cfg.train.micro_batch_size or batch, k=k, remat=cfg.model.remat_policy,
+               batch=batch, micro=train_step.micro, k=k, remat=cfg.model.remat_policy,
                opt=cfg.train.optimizer, compile_s=compile_s, step_flops_raw=step_flops_raw, step_s=dt, pairs_s=batch / dt,
                step_flops=step_flops, fwd_flops=fwd_flops, pair_flops_an=pair_flops_an,
                analytic_src="DESIGN.md" if analytic else "XLA forward x 9",
@@ -506,8 +468,6 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up steps (the first includes the JAX compile)")
     ap.add_argument("--size", type=int, default=16, help="latent height = width for the CPU comparison")
-    ap.add_argument("--diagnose", action="store_true", help="CPU: also time the same step math without "
-                    "lax.scan/shard_map and count convolutions XLA:CPU cannot hand to Eigen")
     ap.add_argument("--gpu", action="store_true", help="SD-1.5 and SDXL with random weights on the accelerator")
     ap.add_argument("--cpu-smoke", action="store_true", help="run the --gpu code path on tiny configs on CPU")
     args = ap.parse_args(argv)

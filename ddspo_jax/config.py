@@ -45,8 +45,8 @@ SCHEMA: dict[str, _F] = {
                              choices=("none", "dots_saveable", "block", "full")),
     "model.lora_rank": _F(0, "0: full fine-tune; r > 0: train rank-r LoRA on the attention projections (SANA: 512)."),
     "model.lora_alpha": _F(0.0, "LoRA scale alpha (update = alpha / r * A B); 0 means alpha = r."),
-    "model.attention": _F("auto", "dot_product_attention: auto (cuDNN flash on GPU where it applies) | xla | cudnn.",
-                          choices=("auto", "xla", "cudnn")),
+    "model.attention": _F("auto", "auto (cuDNN flash on GPU where it applies, else XLA; query-chunked XLA for "
+                          ">= 2048 tokens) | xla | cudnn | chunked.", choices=("auto", "xla", "cudnn", "chunked")),
     # --- noise schedule --------------------------------------------------------------------
     "schedule.kind": _F("ddpm", "Discrete DDPM (SD-1.x, SDXL) or rectified flow (SANA).", choices=("ddpm", "flow")),
     "schedule.num_train_timesteps": _F(1000, "T."),

@@ -15,8 +15,23 @@ from ddspo_jax.convert import load_unet
 from ddspo_jax.tiny import ensure_tiny_model
 
 
-def fake_run(root, family, *, lora_rank=0, steps=(3, 5)):
-    """A run folder laid out exactly as train.py writes it, with perturbed UNet params."""
+def hand_merge(base, factors, alpha):
+    """W + (alpha / r) A B on each factor's kernel, written out here (not lora.merge, which is under test)."""
+    out = jax.tree.map(np.asarray, base)
+    for name, f in factors.items():
+        node = out
+        for k in name.split(lora.SEP):
+            node = node[k]
+        a, b = np.asarray(f["a"], np.float64), np.asarray(f["b"], np.float64)
+        node["kernel"] = (node["kernel"] + alpha / a.shape[1] * (a @ b)).astype(np.float32)
+    return out
+
+
+def fake_run(root, family, *, lora_rank=0, steps=(3, 5), mesh=None):
+    """A run folder laid out exactly as train.py writes it, with perturbed UNet params (sharded on `mesh`
+    when given, as a run on that mesh saves them)."""
+    from ddspo_jax import parallel
+
     model_dir = ensure_tiny_model(root / f"tiny-{family}", family=family)
     cfg = base_config()
     cfg.model.family, cfg.model.path, cfg.model.lora_rank = family, str(model_dir), lora_rank
@@ -31,10 +46,12 @@ def fake_run(root, family, *, lora_rank=0, steps=(3, 5)):
         if lora_rank:
             p = lora.init(base, lora_rank, jax.random.key(s))
             p = jax.tree.map(lambda x: x + 0.01 * s, p)  # B != 0
-            expected[s] = lora.merge(base, p, float(lora_rank))
+            expected[s] = hand_merge(base, p, float(lora_rank))
         else:
             p = jax.tree.map(lambda x: x + 0.001 * s * jnp.sin(jnp.arange(x.size).reshape(x.shape)), base)
             expected[s] = p
+        if mesh is not None:
+            p = parallel.shard_tree(p, mesh)
         state = {"params": p, "opt_state": {}, "step": jnp.int32(s)}
         mngr.save(s, args=train.save_args(state, np.zeros(2, np.uint32), {"pos": s}), force=True)
     mngr.wait_until_finished()
@@ -108,3 +125,25 @@ def test_export_refuses_clearly(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
     assert ex.main(["--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "c")]) == 2
     assert "not a training run folder" in capsys.readouterr().err
+
+
+def test_export_on_one_device_of_a_run_sharded_over_eight(tmp_path):
+    """A checkpoint written by an fsdp = 8 mesh, exported by a process that has one device (params only)."""
+    import os
+    import subprocess
+    import sys
+
+    from diffusers import UNet2DConditionModel
+
+    from ddspo_jax import parallel
+
+    mesh = parallel.make_mesh(1, 8)
+    run, model_dir, expected = fake_run(tmp_path, "sd", mesh=mesh)
+    sharded = [x for x in jax.tree.leaves(parallel.shard_tree(expected[5], mesh)) if x.sharding.spec != ()]
+    assert sharded, "nothing was sharded: the test would not test resharding"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, "-m", "ddspo_jax.export", "--run", str(run), "--out", str(tmp_path / "o"),
+                          "--unet-only"], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    model, _ = load_unet(model_dir)
+    torch_vs_jax(UNet2DConditionModel.from_pretrained(tmp_path / "o"), expected[5], model)

@@ -16,7 +16,7 @@ import flax.linen as nn
 
 Dtype = Any
 
-ATTENTION_IMPLS = (None, "auto", "xla", "cudnn")
+ATTENTION_IMPLS = (None, "auto", "xla", "cudnn", "chunked")
 
 # `model.remat_policy` -> what a block (a ResNet or transformer block, the unit of remat and of the fsdp
 # gather) keeps for the backward pass. "full" also checkpoints the whole denoiser call (backbones).
@@ -122,7 +122,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, impl: Option
 
     `impl`: None is JAX's default (the XLA path today); 'xla' / 'cudnn' force one; 'auto' takes cuDNN
     flash attention where it applies (GPU, bf16/fp16, head dim a multiple of 8 and <= 128, so SD-1.5's
-    160-wide heads stay on XLA) and XLA elsewhere. Logits and softmax are float32 inside JAX already;
+    160-wide heads stay on XLA), XLA elsewhere, query-chunked XLA ('chunked', below) for long sequences. Logits and softmax are float32 inside JAX already;
     `upcast` (diffusers' `upcast_attention`) additionally runs the product in float32 off the cuDNN path.
     `mask` ([B, 1, T, S] boolean) and `is_causal` are passed through (the CLIP text encoder uses them).
     """
@@ -138,11 +138,30 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, impl: Option
         d = c // heads
         ok = (jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0
               and d <= 128 and not upcast and mask is None)
-        impl = "cudnn" if ok else "xla"
+        impl = "cudnn" if ok else ("chunked" if mask is None and not is_causal and t % QUERY_CHUNK == 0
+                                   and t >= 2 * QUERY_CHUNK else "xla")
     if upcast and impl != "cudnn":
         q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=impl)
+    if impl == "chunked":
+        out = _query_chunked(q, k, v)
+    else:
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=impl)
     return out.reshape(b, t, -1).astype(dtype)
+
+
+# 'auto' off cuDNN: sequences of >= 2 chunks (SD's 64x64 and SDXL's 64x64 latent levels) attend in query
+# chunks, each rematerialised, so neither pass holds the whole [B, heads, T, T] score matrix: XLA's
+# attention materialises it in float32 (1 GiB per 2 SD-1.5 samples at 4096 tokens, several alive in the
+# backward pass; benchmarks/memory.py). Exact: each query's softmax runs over all keys.
+QUERY_CHUNK = 1024
+
+
+def _query_chunked(q, k, v):
+    b, t, h, d = q.shape
+    chunks = q.reshape(b, t // QUERY_CHUNK, QUERY_CHUNK, h, d).swapaxes(0, 1)
+    one = jax.checkpoint(lambda qc: jax.nn.dot_product_attention(qc, k, v, implementation="xla"))
+    out = jax.lax.map(one, chunks)
+    return out.swapaxes(0, 1).reshape(b, t, h, v.shape[-1])
 
 
 class ResnetBlock2D(nn.Module):

@@ -1,0 +1,187 @@
+"""Per-device memory of the real SD-1.5 and SDXL train steps, from XLA's own buffer assignment.
+
+  python benchmarks/memory.py                 # CPU: 8 host devices, both models, the full table (~30 min)
+  python benchmarks/memory.py --quick         # SD-1.5 and SDXL at micro-batch 1 only
+  python benchmarks/memory.py --gpu           # the same table on the accelerator's own devices
+
+The UNets are built from their diffusers config JSONs (ddspo_jax/models/configs) with abstract inputs only
+(`jax.eval_shape`: no weights are made); the project's step (`step.make_train_step`, bf16 compute, float32
+master weights, the frozen reference in bf16, DDSPO's three reference forwards) is lowered and compiled for
+one device, for 8 devices with fsdp = 8 and for 8 devices with data = 8, at micro_batch_per_device in
+{1, 2, 4, 8}, and `compiled.memory_analysis()` of the gradient and the update programs is read.
+
+Per device:
+  resident = params (f32) + reference (bf16) + optimizer state + gradient accumulator (f32), each its fsdp
+             shard (exact, from the shardings; cross-checked against XLA's argument sizes);
+  peak     = resident + max(micro-batch + temp of the gradient program, temp of the update program)
+             (outputs alias the donated inputs);
+  temp     = XLA's temporaries: activations kept for the backward pass, gathered block weights, workspace.
+The analytic column is params x (4 + 2 + 4 + optimizer) / fsdp bytes. A second table compares the remat
+policies at fsdp = 8, micro-batch 2. Last line:
+  RESULT sdxl_fsdp1_mb1_gib=... sdxl_fsdp8_mb1_gib=... sd15_fsdp1_mb1_gib=... sd15_fsdp8_mb1_gib=...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+if "--gpu" not in sys.argv:  # 8 host devices; LLVM at -O0 (buffer assignment is decided before codegen)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+                               " --xla_backend_optimization_level=0")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from ddspo_jax import parallel, schedules  # noqa: E402
+from ddspo_jax import step as step_lib  # noqa: E402
+from ddspo_jax.backbones import Backbone  # noqa: E402
+from ddspo_jax.config import base_config, validate  # noqa: E402
+from ddspo_jax.models.unet import UNet2DConditionModel, count_params, in_unit  # noqa: E402
+
+CONFIGS = ROOT / "ddspo_jax" / "models" / "configs"
+TOKENS = 77
+GiB = 2 ** 30
+MODELS = {"sd15": ("sd15_unet.json", 64, "dots_saveable"), "sdxl": ("sdxl_unet.json", 128, "block")}
+OPT_BYTES = {"adamw": 8, "adafactor": 0}  # per param, f32 moments (Adafactor: factored, counted exactly below)
+
+
+def shard_bytes(tree) -> int:
+    """Per-device bytes of a tree of ShapeDtypeStructs with shardings (the first device's shard)."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def placed(tree, shardings):
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
+
+
+def micro_batch(model, family, hw, n, mesh):
+    """Abstract micro-batch of n pairs as records hold it (bf16 latents and embeddings), split over the mesh."""
+    c = model.config
+    sh = parallel.batch_sharding(mesh)
+    a = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=sh)  # noqa: E731
+    cond = lambda: {"prompt_embeds": a(n, TOKENS, c.cross_attention_dim[0])}  # noqa: E731
+    if family == "sdxl":
+        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        cond = lambda: {"prompt_embeds": a(n, TOKENS, c.cross_attention_dim[0]), "pooled_prompt_embeds": a(n, pooled),  # noqa: E731
+                        "add_time_ids": a(n, 6)}
+    return {"x0_w": a(n, hw, hw, c.in_channels), "x0_l": a(n, hw, hw, c.in_channels), "cond_w": cond(), "cond_l": cond()}
+
+
+def measure(name: str, mesh, per_dev: int, remat: str, optimizer: str = "adamw") -> dict:
+    file, hw, _ = MODELS[name]
+    return measure_config(json.loads((CONFIGS / file).read_text()), hw, mesh, per_dev, remat, optimizer, name)
+
+
+def measure_config(config: dict, hw: int, mesh, per_dev: int, remat: str, optimizer: str = "adamw",
+                   name: str = "") -> dict:
+    """The table's numbers for one diffusers UNet config on one mesh (see the module docstring)."""
+    model = UNet2DConditionModel.from_config(config, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+                                             attention_impl="auto", remat_policy=remat)
+    family = "sdxl" if model.config.addition_embed_type == "text_time" else "sd"
+    cfg = base_config()
+    cfg.model.dtype, cfg.model.remat_policy, cfg.train.optimizer = "bfloat16", remat, optimizer
+    cfg.train.batch_size, cfg.train.micro_batch_per_device = 2 * per_dev * mesh.size, per_dev  # 2 micro-batches
+    validate(cfg)
+    schedule = schedules.from_config(cfg.schedule)
+    backbone = Backbone(family, Path("."), model, None, schedule)
+    params = model.init_shapes()
+    ref = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16), params)
+    opt, _ = step_lib.make_optimizer(cfg, 1e-5)
+    ts = step_lib.make_train_step(backbone.denoise, schedule, cfg, mesh, opt, params, ref_shape=ref)
+    p_a = placed(params, parallel.tree_shardings(params, mesh))
+    r_a = placed(ref, parallel.tree_shardings(ref, mesh))
+    acc_a = placed(ts.acc_shape, ts.acc_shardings)
+    state_a = placed(ts.state_shape, ts.state_shardings)
+    rep = parallel.NamedSharding(mesh, parallel.P())
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+    mb = micro_batch(model, family, hw, per_dev * mesh.size, mesh)
+    t0 = time.time()
+    g = ts.grad.lower(acc_a, p_a, r_a, mb, key, scalar, scalar).compile()
+    u = ts.update.lower(state_a, acc_a).compile()
+    compile_s = time.time() - t0
+    mg, mu = g.memory_analysis(), u.memory_analysis()
+    n = count_params(params)
+    parts = dict(params=shard_bytes(p_a), ref=shard_bytes(r_a), acc=shard_bytes(acc_a["grads"]),
+                 opt=shard_bytes(state_a["opt_state"]), batch=shard_bytes(mb))
+    resident = parts["params"] + parts["ref"] + parts["acc"] + parts["opt"]
+    xla_args = mg.argument_size_in_bytes  # acc + params + ref + batch (+ scalars): cross-check
+    peak = resident + max(parts["batch"] + mg.temp_size_in_bytes, mu.temp_size_in_bytes)
+    fsdp = mesh.shape["fsdp"]
+    opt_an = OPT_BYTES[optimizer] * n if optimizer == "adamw" else parts["opt"] * fsdp
+    outside = sum(math.prod(x.shape) for p_, x in jax.tree_util.tree_flatten_with_path(params)[0]
+                  if not in_unit(parallel.key_path(p_)))
+    return dict(model=name, mesh=f"data={mesh.shape['data']} fsdp={fsdp}", devices=mesh.size, per_dev=per_dev,
+                remat=remat, optimizer=optimizer, params_M=n / 1e6, outside_units=outside / n,
+                resident=resident / GiB, analytic=(n * (4 + 2 + 4) + opt_an) / fsdp / GiB,
+                xla_args_check=(xla_args - parts["params"] - parts["ref"] - parts["acc"] - parts["batch"]) / GiB,
+                xla_update_args_check=(mu.argument_size_in_bytes - parts["params"] - parts["opt"] - parts["acc"]) / GiB,
+                temp_grad=mg.temp_size_in_bytes / GiB, temp_update=mu.temp_size_in_bytes / GiB,
+                peak=peak / GiB, compile_s=compile_s, **{k: v / GiB for k, v in parts.items()})
+
+
+def table(rows, cols):
+    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
+    cells = [[fmt(r[c]) for c in cols] for r in rows]
+    w = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
+    line = lambda xs: "| " + " | ".join(f"{x:>{w[i]}}" for i, x in enumerate(xs)) + " |"  # noqa: E731
+    return "\n".join([line(cols), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [line(x) for x in cells])
+
+
+COLS = ["model", "mesh", "per_dev", "remat", "params", "ref", "opt", "acc", "resident", "analytic", "temp_grad",
+        "temp_update", "peak", "compile_s"]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="micro-batch 1 only, no remat table")
+    ap.add_argument("--models", default="sd15,sdxl")
+    ap.add_argument("--micro", default="1,2,4,8", help="micro_batch_per_device values")
+    ap.add_argument("--optimizer", default="adamw", choices=("adamw", "adafactor"))
+    ap.add_argument("--gpu", action="store_true", help="the accelerator's devices instead of 8 host devices")
+    a = ap.parse_args(argv)
+    devs = jax.devices()
+    meshes = [("1 device", parallel.make_mesh(1, 1, devs[:1]))]
+    if len(devs) >= 8:
+        meshes += [("fsdp 8", parallel.make_mesh(1, 8, devs[:8])), ("data 8", parallel.make_mesh(8, 1, devs[:8]))]
+    micro = [1] if a.quick else [int(x) for x in a.micro.split(",")]
+    print(f"jax {jax.__version__} on {devs[0].platform} ({devs[0].device_kind}), {len(devs)} devices; per-device GiB; "
+          f"optimizer {a.optimizer}; bf16 compute and reference, f32 master weights and accumulator")
+    rows, result = [], {}
+    for name in a.models.split(","):
+        remat = MODELS[name][2]
+        for label, mesh in meshes:
+            for m in micro:
+                r = measure(name, mesh, m, remat, a.optimizer)
+                rows.append(r)
+                print(f"  {name} {label} micro {m}: peak {r['peak']:.2f} GiB (compiled in {r['compile_s']:.0f} s)",
+                      flush=True)
+                if m == 1 and label != "data 8":
+                    result[f"{name}_fsdp{mesh.shape['fsdp']}_mb1_gib"] = r["peak"]
+        print(f"{name}: {rows[-1]['params_M']:.1f}M params, {100 * rows[-1]['outside_units']:.1f} % of them outside "
+              "the gathered blocks (gathered once per call)")
+    print(table(rows, COLS))
+    if not a.quick and len(meshes) > 1:
+        pol = []
+        for name in a.models.split(","):
+            for remat in ("none", "dots_saveable", "block", "full"):
+                pol.append(measure(name, meshes[1][1], 2, remat, a.optimizer))
+                print(f"  {name} remat {remat}: peak {pol[-1]['peak']:.2f} GiB", flush=True)
+        print("remat policies at fsdp 8, micro-batch 2 per device:")
+        print(table(pol, COLS))
+    order = ["sdxl_fsdp1_mb1_gib", "sdxl_fsdp8_mb1_gib", "sd15_fsdp1_mb1_gib", "sd15_fsdp8_mb1_gib"]
+    print("RESULT " + " ".join(f"{k}={result[k]:.3f}" for k in order if k in result))
+
+
+if __name__ == "__main__":
+    main()
