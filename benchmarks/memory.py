@@ -77,25 +77,27 @@ def micro_batch(model, family, hw, n, mesh):
     return {"x0_w": a(n, hw, hw, c.in_channels), "x0_l": a(n, hw, hw, c.in_channels), "cond_w": cond(), "cond_l": cond()}
 
 
-def measure(name: str, mesh, per_dev: int, remat: str, optimizer: str = "adamw") -> dict:
+def measure(name: str, mesh, per_dev: int, remat: str, optimizer: str = "adamw", dtype: str = "bfloat16") -> dict:
     file, hw, _ = MODELS[name]
-    return measure_config(json.loads((CONFIGS / file).read_text()), hw, mesh, per_dev, remat, optimizer, name)
+    return measure_config(json.loads((CONFIGS / file).read_text()), hw, mesh, per_dev, remat, optimizer, name,
+                          dtype)
 
 
 def measure_config(config: dict, hw: int, mesh, per_dev: int, remat: str, optimizer: str = "adamw",
-                   name: str = "") -> dict:
+                   name: str = "", dtype: str = "bfloat16") -> dict:
     """The table's numbers for one diffusers UNet config on one mesh (see the module docstring)."""
-    model = UNet2DConditionModel.from_config(config, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+    cd = jnp.dtype(dtype)
+    model = UNet2DConditionModel.from_config(config, dtype=cd, param_dtype=jnp.float32,
                                              attention_impl="auto", remat_policy=remat)
     family = "sdxl" if model.config.addition_embed_type == "text_time" else "sd"
     cfg = base_config()
-    cfg.model.dtype, cfg.model.remat_policy, cfg.train.optimizer = "bfloat16", remat, optimizer
+    cfg.model.dtype, cfg.model.remat_policy, cfg.train.optimizer = dtype, remat, optimizer
     cfg.train.batch_size, cfg.train.micro_batch_per_device = 2 * per_dev * mesh.size, per_dev  # 2 micro-batches
     validate(cfg)
     schedule = schedules.from_config(cfg.schedule)
     backbone = Backbone(family, Path("."), model, None, schedule)
     params = model.init_shapes()
-    ref = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16), params)
+    ref = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, cd), params)
     opt, _ = step_lib.make_optimizer(cfg, 1e-5)
     ts = step_lib.make_train_step(backbone.denoise, schedule, cfg, mesh, opt, params, ref_shape=ref)
     p_a = placed(params, parallel.tree_shardings(params, mesh))

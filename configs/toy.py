@@ -1,10 +1,6 @@
-"""The paper's 2D toy experiment (Sec. 4.1, Fig. A): python -m ddspo_jax.toy [--quick]."""
+"""Points at the shipped config ddspo_jax/configs/toy.py (installed with the package); copy that file to change it.
 
-from ddspo_jax.config import base_config
+  python -m ddspo_jax.train --config configs/toy.py
+"""
 
-
-def get_config():
-    c = base_config()
-    c.output_dir = "runs/toy"
-    c.toy.n_modes = 6  # N in {12, 120, 1200} pairs = {2, 20, 200} per class, as in Fig. 1 (N=2 per class)
-    return c
+from ddspo_jax.configs.toy import get_config  # noqa: F401

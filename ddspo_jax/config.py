@@ -14,8 +14,7 @@ import ml_collections
 from ml_collections import config_dict
 
 
-class ConfigError(ValueError):
-    """A config key is unknown, mistyped or has an invalid value."""
+from ddspo_jax.errors import ConfigError  # noqa: E402  (re-exported: config.ConfigError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +216,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             problems.append(f"config key '{key}' must be {want.__name__}, got {type(value).__name__} {value!r}")
         elif f.choices and value not in f.choices:
             problems.append(f"config key '{key}' is {value!r}; allowed: {', '.join(map(str, f.choices))}")
+    if not problems and cfg.data.rand_cond != "none" and cfg.train.objective not in ("ddspo", "dspo_cpp"):
+        problems.append(f"config key 'data.rand_cond' is {cfg.data.rand_cond!r}, but it swaps c and c- for the "
+                        f"CPP targets, which train.objective={cfg.train.objective!r} does not use: set it to 'none' "
+                        "or use ddspo / dspo_cpp")
     missing = sorted(set(SCHEMA) - seen)
     if missing:
         problems.append("missing config keys (start from ddspo_jax.config.base_config()): " + ", ".join(missing))

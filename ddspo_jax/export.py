@@ -16,8 +16,10 @@ import shutil
 import sys
 from pathlib import Path
 
+from ddspo_jax.errors import UserError
 
-class ExportError(RuntimeError):
+
+class ExportError(UserError, RuntimeError):
     """A user-facing export problem (bad run folder, missing step, non-empty output)."""
 
 
@@ -60,7 +62,7 @@ def restore_trained_params(run: Path, step: int | None = None):
     import numpy as np
 
     from ddspo_jax import lora
-    from ddspo_jax.tiny import resolve_model_path
+    from ddspo_jax.backbones import resolve_path as resolve_model_path
 
     cfg = run_config(run)
     steps = checkpoint_steps(run)
@@ -132,8 +134,12 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     try:
         export(a.run, a.out, step=a.step, dtype=a.dtype, unet_only=a.unet_only, overwrite=a.overwrite, link=a.link)
-    except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except UserError as e:  # a user mistake: one line; anything else is a bug and keeps its traceback
+        from ddspo_jax.errors import debug, one_line
+
+        if debug():
+            raise
+        print(one_line(e), file=sys.stderr)
         return 2
     return 0
 

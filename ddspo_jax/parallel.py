@@ -16,6 +16,8 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ddspo_jax.errors import MeshError
+
 AXES = ("data", "fsdp")
 BATCH = P(AXES)  # leading (pair) axis split over all devices
 
@@ -55,13 +57,13 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     n = len(devices)
     if data == -1 and fsdp == -1:
-        raise ValueError("mesh: at most one of data, fsdp may be -1")
+        raise MeshError("mesh: at most one of data, fsdp may be -1")
     if data == -1:
         data = n // fsdp
     if fsdp == -1:
         fsdp = n // data
     if data * fsdp != n:
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} needs {data * fsdp} devices, but {n} are present")
+        raise MeshError(f"mesh data={data} x fsdp={fsdp} needs {data * fsdp} devices, but {n} are present")
     arr = np.asarray(devices).reshape(data, fsdp)
     return Mesh(arr, AXES)
 
@@ -119,13 +121,13 @@ def process_batch_block(mesh: Mesh, global_batch: int) -> tuple[int, int]:
     if nproc == 1:
         return 0, 1
     if global_batch % mesh.size:
-        raise ValueError(f"global batch {global_batch} must be divisible by the {mesh.size} devices of the mesh")
+        raise MeshError(f"global batch {global_batch} must be divisible by the {mesh.size} devices of the mesh")
     rows = sorted({(idx[0].start or 0, idx[0].stop if idx[0].stop is not None else global_batch)
                    for idx in batch_sharding(mesh).addressable_devices_indices_map((global_batch,)).values()})
     start, stop = rows[0][0], rows[-1][1]
     n = global_batch // nproc
     if any(a != b for (_, a), (b, _) in zip(rows, rows[1:])) or stop - start != n or start % n:
-        raise ValueError(f"process {jax.process_index()} holds batch rows {rows} of {global_batch}: not one "
+        raise MeshError(f"process {jax.process_index()} holds batch rows {rows} of {global_batch}: not one "
                          f"contiguous block of {n}; build the mesh with each process's devices together")
     return start // n, nproc
 

@@ -91,7 +91,7 @@ def _load_backbone(cfg):
     import ml_collections
 
     from ddspo_jax.backbones import load_backbone
-    from ddspo_jax.tiny import resolve_model_path
+    from ddspo_jax.backbones import resolve_path as resolve_model_path
 
     if not cfg.model.path:
         _fail("config.model.path is empty: set it to a diffusers model folder (or 'tiny' for the embedded model)")
@@ -200,7 +200,7 @@ def run_prepare(cfg, *, progress: bool = True) -> dict[str, Any]:
     if not cfg.data.records:
         _fail("data.records is empty: set it to the output folder of the records")
     if not cfg.data.prompts:
-        _fail("data.prompts is empty: set it to a prompt file (e.g. configs/prompts/tiny_prompts.txt)")
+        _fail("data.prompts is empty: set it to a prompt file (e.g. ddspo_jax/configs/prompts/tiny_prompts.txt)")
     out = Path(cfg.data.records)
     try:
         prompts, stats = load_prompts(cfg.data.prompts, field=cfg.data.prompt_field or None,
@@ -313,7 +313,14 @@ def main(argv):
         _fail(f"unknown arguments {args}; usage: python -m ddspo_jax.prepare --config configs/<model>.py "
               "[import-ddspo <folder>]")
     else:
-        run_prepare(cfg)
+        from ddspo_jax.errors import UserError, debug, one_line
+
+        try:
+            run_prepare(cfg)
+        except UserError as e:  # a user mistake: one line; anything else is a bug and keeps its traceback
+            if debug():
+                raise
+            raise SystemExit(one_line(e)) from None
 
 
 if __name__ == "__main__":

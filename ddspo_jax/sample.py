@@ -45,12 +45,12 @@ def load_model(spec: str, *, dtype: str, step: int | None = None):
         if unet_cfg.is_file() and json.loads(unet_cfg.read_text()).get("addition_embed_type") == "text_time":
             mcfg.family = "sdxl"
     mcfg.dtype = dtype
-    bb = load_backbone(mcfg, base_config().schedule, text=True, vae=True)
+    bb = load_backbone(mcfg, base_config().schedule, text=True, vae=True, log=None)
     return bb, bb.unet_params if params is None else params
 
 
 def _resolve(spec: str) -> Path:
-    from ddspo_jax.tiny import resolve_model_path
+    from ddspo_jax.backbones import resolve_path as resolve_model_path
 
     return resolve_model_path(spec) if spec.startswith("tiny") else Path(spec)
 
@@ -147,7 +147,8 @@ def parse_args(argv=None):
     ap.add_argument("--sampler", default="", choices=("", "ddim", "pndm", "euler", "flow_euler"))
     ap.add_argument("--resolution", type=int, default=0, help="pixels (0: the model's default)")
     ap.add_argument("--seed", type=int, default=0,
-                    help="noise of prompt i is a function of (seed, i), as in prepare (default 0 = config seed)")
+                    help="prompt i starts from the initial noise of (seed, i): with the seed prepare used (config.seed, "
+                         "default 0) image i is the winner of record i; another seed gives other images")
     ap.add_argument("--batch", type=int, default=8, help="prompts per generation call")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N prompts")
     ap.add_argument("--field", default="", help="JSONL field / CSV column of the prompts")
@@ -158,13 +159,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from ddspo_jax.convert.common import ConversionError
-    from ddspo_jax.export import ExportError
+    from ddspo_jax.errors import UserError, debug, one_line
 
     try:
         run(args)
-    except (ExportError, ConversionError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except UserError as e:  # a user mistake: one line; anything else is a bug and keeps its traceback
+        if debug():
+            raise
+        print(one_line(e), file=sys.stderr)
         return 2
     return 0
 

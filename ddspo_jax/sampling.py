@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ddspo_jax.errors import ConfigError
 from ddspo_jax import parallel, schedules
 
 SAMPLERS = ("ddim", "pndm", "euler", "flow_euler")
@@ -59,12 +60,12 @@ _PLMS = (np.array([1.0, 0, 0, 0]), np.array([0.5, 0.5, 0, 0]), np.array([1.5, -0
 def make_plan(schedule, sampler: str, steps: int, *, steps_offset: int = 1) -> Plan:
     """The step constants of `sampler` with `steps` steps on `schedule` (a DDPMSchedule or FlowSchedule)."""
     if sampler not in SAMPLERS:
-        raise ValueError(f"sampler {sampler!r} is not one of {SAMPLERS}")
+        raise ConfigError(f"sampler {sampler!r} is not one of {SAMPLERS}")
     if steps < 1:
-        raise ValueError(f"sampler steps must be >= 1, got {steps}")
+        raise ConfigError(f"sampler steps must be >= 1, got {steps}")
     flow = isinstance(schedule, schedules.FlowSchedule)
     if flow != (sampler == "flow_euler"):
-        raise ValueError(f"sampler {sampler!r} does not fit a {'flow' if flow else 'DDPM'} schedule "
+        raise ConfigError(f"sampler {sampler!r} does not fit a {'flow' if flow else 'DDPM'} schedule "
                          f"({'flow_euler' if flow else 'ddim | pndm | euler'})")
     T = schedule.num_train_timesteps
     if sampler == "ddim":
@@ -208,7 +209,7 @@ def generation_settings(bb, *, sampler: str = "", steps: int = 0, guidance=None,
     resolution = resolution or (bb.encoder.resolution if bb.encoder is not None else d["resolution"])
     scale = bb.vae_scale
     if resolution % scale:
-        raise ValueError(f"resolution {resolution} is not a multiple of the VAE scale {scale}")
+        raise ConfigError(f"resolution {resolution} is not a multiple of the VAE scale {scale}")
     return {"family": bb.family, "sampler": sampler or d["sampler"], "steps": int(steps or d["steps"]),
             "guidance": float(d["guidance"] if guidance is None else guidance), "resolution": int(resolution),
             "latent_shape": [resolution // scale, resolution // scale, bb.latent_channels],

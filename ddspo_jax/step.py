@@ -31,6 +31,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ddspo_jax.errors import ConfigError
 from ddspo_jax import parallel, schedules
 from ddspo_jax.losses import NEEDS_REF_NEG, preference_loss
 from ddspo_jax.optim import make_optimizer  # noqa: F401  (re-exported: step_lib.make_optimizer)
@@ -82,8 +83,6 @@ def pair_forward(denoise: Denoise, schedule, cfg, params, ref_params, batch, ids
     tm = schedule.model_timestep(t)
     c, c_neg = batch["cond_w"], batch["cond_l"]
     if cfg.data.rand_cond != "none":  # the authors' rand_cond: per pair, p(t) decides on device
-        from ddspo_jax.data.loader import apply_rand_cond
-
         c, c_neg, _ = apply_rand_cond(u, tm, schedule.num_train_timesteps, batch, cfg.data.rand_cond,
                                       cfg.data.rand_cond_lambda)
     n = x0_w.shape[0]
@@ -116,16 +115,54 @@ def pair_forward(denoise: Denoise, schedule, cfg, params, ref_params, batch, ids
     return loss_fn
 
 
+def rand_cond_prob(t, T, kind: str = "sigmoid", lam: float = 20.0):
+    """p(t) of replacing a pair's prompts by an extra prompt (the authors' rand_cond); jittable in t.
+
+    sigmoid: 1 / (1 + exp(-lam (t/T - 0.7)))   (mostly the noisiest 30 % of steps)
+    exponential: exp(-lam (1 - t/T))
+    constant: 1 (the authors' "constant_1": always swap)
+    `t` is the integer timestep in [0, T); `kind` is static.
+    """
+    x = jnp.asarray(t, jnp.float32) / T
+    if kind == "sigmoid":
+        return 1.0 / (1.0 + jnp.exp(-lam * (x - 0.7)))
+    if kind == "exponential":
+        return jnp.exp(-lam * (1.0 - x))
+    if kind == "constant":
+        return jnp.ones_like(x)
+    raise ValueError(f"rand_cond kind must be 'sigmoid', 'exponential' or 'constant', got {kind!r}")
+
+
+def apply_rand_cond(u, t, T, batch, kind: str = "sigmoid", lam: float = 20.0):
+    """On device: per pair, with probability p(t), swap (cond_w, cond_l) for (extra_cond_w, extra_cond_l).
+
+    `u` are per-pair uniforms in [0, 1) (the train step draws them from each pair's own key, so the choice
+    does not depend on the mesh). The latents stay; swapped pairs get paired=False. Returns (cond_w,
+    cond_l, paired). Jittable.
+    """
+    p = rand_cond_prob(t, T, kind, lam)
+    swap = jnp.asarray(u) < p
+
+    def pick(own, extra):
+        m = swap.reshape(swap.shape + (1,) * (own.ndim - swap.ndim))
+        return jnp.where(m, extra.astype(own.dtype), own)
+
+    cond_w = jax.tree.map(pick, dict(batch["cond_w"]), dict(batch["extra_cond_w"]))
+    cond_l = jax.tree.map(pick, dict(batch["cond_l"]), dict(batch["extra_cond_l"]))
+    paired = jnp.logical_and(jnp.asarray(batch.get("paired", True)), jnp.logical_not(swap))
+    return cond_w, cond_l, paired
+
+
 def micro_batching(cfg, mesh) -> tuple[int, int]:
     """(micro-batches per step k, global pairs per micro-batch) from train.batch_size and
     train.micro_batch_per_device; errors name the keys."""
     B, per_dev, n = cfg.train.batch_size, cfg.train.micro_batch_per_device, mesh.size
     micro = B if per_dev == 0 else min(per_dev * n, B)  # at most per_dev pairs per device
     if micro % n:
-        raise ValueError(f"train.batch_size={B} is not divisible by the {n} devices of the mesh; set "
+        raise ConfigError(f"train.batch_size={B} is not divisible by the {n} devices of the mesh; set "
                          f"train.micro_batch_per_device or a batch size that is a multiple of {n}")
     if B % micro:
-        raise ValueError(f"train.batch_size={B} is not a multiple of train.micro_batch_per_device="
+        raise ConfigError(f"train.batch_size={B} is not a multiple of train.micro_batch_per_device="
                          f"{per_dev} x {n} devices = {micro} pairs per micro-batch")
     return B // micro, micro
 

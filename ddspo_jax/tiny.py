@@ -11,7 +11,7 @@ Why it is built this way:
     operations plus exact scaling), never from XLA's random kernels, and every JSON file has sorted keys and
     fixed version strings. A test builds twice and compares the files.
   * A real BPE vocabulary: trained here (classic pair-count BPE, ties broken by the pair's text) on the words of
-    the shipped prompt file, so every word of `configs/prompts/tiny_prompts.txt` is a single token and
+    the shipped prompt file, so every word of `ddspo_jax/configs/prompts/tiny_prompts.txt` is a single token and
     `CLIPTokenizer.from_pretrained` reads the folder unchanged.
   * Atomic: built in a temporary sibling folder and renamed into place, so a killed build never leaves a
     half-written model under the final name and two processes racing both end with the same folder.
@@ -35,7 +35,7 @@ __all__ = ["ensure_tiny_model", "build_tiny_model", "TINY_PROMPTS", "TINY_VERSIO
 
 TINY_VERSION = 1  # bump when anything written changes: cached folders of another version are rebuilt elsewhere
 MARKER = "ddspo_tiny.json"
-TINY_PROMPTS = Path(__file__).resolve().parent.parent / "configs" / "prompts" / "tiny_prompts.txt"
+TINY_PROMPTS = Path(__file__).resolve().parent / "configs" / "prompts" / "tiny_prompts.txt"
 _FAKE_DIFFUSERS_VERSION = "0.30.0"  # fixed, so the bytes do not depend on the installed diffusers
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -75,7 +75,7 @@ def _many(rng) -> str:
 
 
 def compose_prompts(n: int = 400, seed: int = 0) -> list[str]:
-    """The generator of `configs/prompts/tiny_prompts.txt` (run once; the file is committed): compositional
+    """The generator of `ddspo_jax/configs/prompts/tiny_prompts.txt` (run once; the file is committed): compositional
     prompts over objects, colours, counts, positions, scenes and styles, unique, in a fixed order."""
     rng = np.random.default_rng(seed)
     out: list[str] = []

@@ -20,8 +20,9 @@ from absl import app, flags
 
 from ddspo_jax.config import define_config_flag, load_config_flag
 
-_REPO = Path(__file__).resolve().parent.parent
-_CONFIG = define_config_flag(str(_REPO / "configs" / "toy.py"))
+from ddspo_jax.configs import path as _config_path  # noqa: E402
+
+_CONFIG = define_config_flag(str(_config_path("toy")))
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny settings for the test suite (seconds, not minutes).")
 
 

@@ -24,27 +24,28 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # clu's metric writers impor
 
 from absl import app  # noqa: E402
 
+from ddspo_jax.errors import ConfigError, UserError
 from ddspo_jax.config import define_config_flag, load_config_flag
 
-_REPO = Path(__file__).resolve().parent.parent
-_CONFIG = define_config_flag(str(_REPO / "configs" / "tiny.py"))
+from ddspo_jax.configs import path as _config_path  # noqa: E402
+
+_CONFIG = define_config_flag(str(_config_path("tiny")))
 
 # Peak dense bf16 FLOP/s per device, for MFU (device_kind substrings).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "TPU v6": 918e12,
               "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v4": 275e12}
 
 
-class TrainingDiverged(RuntimeError):
-    pass
+class TrainingDiverged(UserError, RuntimeError):
+    """Non-finite steps in a row (the checkpoints stay finite)."""
 
 
-class OutOfMemory(RuntimeError):
-    pass
+class OutOfMemory(UserError, RuntimeError):
+    """RESOURCE_EXHAUSTED, with the keys that lower the per-device memory."""
 
 
-# What a user's config, files or data can cause; everything else is a bug and keeps its traceback. ValueError
-# covers ConversionError (weights), RecordError (records) and the config/mesh/batch checks.
-USER_ERRORS = (TrainingDiverged, OutOfMemory, FileNotFoundError, ValueError, NotImplementedError)
+# What a user's config, files or data can cause (ddspo_jax.errors); everything else is a bug and keeps its traceback.
+USER_ERRORS = (UserError,)
 
 
 def peak_flops(device) -> float | None:
@@ -102,15 +103,14 @@ def out_of_memory_hint(cfg, mesh):
 
 def compilation_cache(out) -> str | None:
     """Turns on JAX's persistent compilation cache, so a resumed or repeated run does not compile again:
-    $DDSPO_JAX_CACHE if set ('off' disables), else <output_dir>/xla_cache. A cache the user configured
-    for JAX directly is left alone."""
+    $DDSPO_JAX_CACHE/xla if that variable is set (the project's cache root, shared by runs), else
+    <output_dir>/xla_cache. A cache configured for JAX directly (JAX_COMPILATION_CACHE_DIR) is left alone."""
     import jax
 
     if jax.config.jax_compilation_cache_dir:
         return jax.config.jax_compilation_cache_dir
-    folder = os.environ.get("DDSPO_JAX_CACHE", "") or str(out / "xla_cache")
-    if folder == "off":
-        return None
+    root = os.environ.get("DDSPO_JAX_CACHE", "")
+    folder = str(Path(root) / "xla") if root else str(out / "xla_cache")
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -152,7 +152,7 @@ def train(cfg, *, log=print) -> dict:
         (out / "config.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
 
     # ---------------------------------------------------------------------------------- model
-    backbone = load_backbone(cfg.model, cfg.schedule, text=False, vae=False)
+    backbone = load_backbone(cfg.model, cfg.schedule, text=False, vae=False, log=log)
 
     # ----------------------------------------------------------------------------------- data
     if not (Path(cfg.data.records) / "manifest.json").is_file() and cfg.data.prompts:
@@ -165,7 +165,7 @@ def train(cfg, *, log=print) -> dict:
     n_proc = jax.process_count()
     k, micro = step_lib.micro_batching(cfg, mesh)
     if micro % n_proc:
-        raise ValueError(f"a micro-batch of {micro} pairs is not divisible by the {n_proc} processes")
+        raise ConfigError(f"a micro-batch of {micro} pairs is not divisible by the {n_proc} processes")
     # The loader yields micro-batches (only one is on device at a time); each process reads only the contiguous
     # block of every micro-batch that its devices hold, so the global batch (and the result) is the same for
     # any process count and any micro-batch split.
@@ -174,7 +174,7 @@ def train(cfg, *, log=print) -> dict:
                         variant=cfg.data.variant, worker_count=cfg.data.worker_count, process_index=block,
                         process_count=blocks, extra_dir=cfg.data.extra_records or None)
     if cfg.data.rand_cond != "none" and not cfg.data.extra_records:
-        raise ValueError(f"data.rand_cond={cfg.data.rand_cond!r} needs data.extra_records (records of extra prompts)")
+        raise ConfigError(f"data.rand_cond={cfg.data.rand_cond!r} needs data.extra_records (records of extra prompts)")
 
     # ------------------------------------------------------------------ optimizer and train state
     lr = learning_rate(cfg)
@@ -367,7 +367,7 @@ class SampleGrid:
             return
         prompts = list(self.cfg.train.sample_prompts)
         if self.gen is None:
-            from ddspo_jax.models.text import MissingComponentError
+            from ddspo_jax.backbones.text import MissingComponentError
 
             try:
                 self.bb.load_extras(text=True, vae=True)
@@ -409,9 +409,11 @@ def main(argv):
     try:
         summary = train(cfg)
     except USER_ERRORS as e:  # a user mistake or a diverged run: one clear line (DDSPO_DEBUG=1 for the traceback)
-        if os.environ.get("DDSPO_DEBUG"):
+        from ddspo_jax.errors import debug, one_line
+
+        if debug():
             raise
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(one_line(e)) from None
     import jax
 
     if jax.process_index() != 0:

@@ -18,7 +18,7 @@ import torch
 from ddspo_jax.convert.clip import detect_layout, export_clip_text, load_clip_text
 from ddspo_jax.convert.common import ConversionError, read_state_dict, write_safetensors
 from ddspo_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, count_params
-from ddspo_jax.models.text import (
+from ddspo_jax.backbones.text import (
     MissingComponentError,
     PromptEncoder,
     PromptTruncationWarning,

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from ddspo_jax.data import records as R
-from ddspo_jax.data.loader import PairLoader, apply_rand_cond, rand_cond_prob
+from ddspo_jax.data.loader import PairLoader
+from ddspo_jax.step import apply_rand_cond, rand_cond_prob
 
 
 def _lat(i, k):

@@ -52,7 +52,7 @@ def test_ensure_is_cached_and_refuses_foreign_folders(tiny_sd, tmp_path):
 
 
 def test_shipped_prompts_and_single_token_words(tiny_sd):
-    from ddspo_jax.models.text import load_tokenizer
+    from ddspo_jax.backbones.text import load_tokenizer
 
     lines = tiny.TINY_PROMPTS.read_text().splitlines()
     assert lines == tiny.compose_prompts()  # the committed file is what the generator makes

@@ -19,8 +19,10 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from ddspo_jax.errors import ModelError
 
-class ConversionError(ValueError):
+
+class ConversionError(ModelError):
     """A weight file does not match the model: names every offending key, not just the first."""
 
 

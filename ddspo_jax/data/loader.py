@@ -42,9 +42,10 @@ from typing import Any
 
 import numpy as np
 
+from ddspo_jax.errors import ConfigError, DataError
 from ddspo_jax.data.records import RecordError, read_manifest
 
-__all__ = ["PairSource", "PairLoader", "rand_cond_prob", "apply_rand_cond", "VARIANTS"]
+__all__ = ["PairSource", "PairLoader", "VARIANTS"]
 
 VARIANTS = ("paired", "not_paired", "rand_positive")
 
@@ -73,7 +74,7 @@ class PairSource:
         self.manifest = dict(manifest) if manifest is not None else read_manifest(self.folder)
         self.paths = [os.path.join(self.folder, s["file"]) for s in self.manifest["shards"]]
         if not self.paths:
-            raise ValueError(f"{self.folder}: manifest lists no shards")
+            raise DataError(f"{self.folder}: manifest lists no shards")
         counts = []
         for path, entry in zip(self.paths, self.manifest["shards"]):
             try:
@@ -205,7 +206,7 @@ class PairLoader:
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if variant != "paired" and batch_size < 2:
-            raise ValueError(f"variant {variant!r} takes x0_l from another pair of the batch: batch_size must be "
+            raise ConfigError(f"variant {variant!r} takes x0_l from another pair of the batch: batch_size must be "
                              f">= 2, got {batch_size}")
         if process_index is None or process_count is None:
             import jax
@@ -216,10 +217,10 @@ class PairLoader:
         self.manifest = self.source.manifest
         kind = self.manifest["kind"]
         if kind == "prompts":
-            raise ValueError(f"{data_dir}: a prompts-only dataset (no latents) cannot be trained on; pass it as "
+            raise DataError(f"{data_dir}: a prompts-only dataset (no latents) cannot be trained on; pass it as "
                              "extra_dir (rand_cond) and a pairs/positives dataset as data_dir")
         if variant == "paired" and kind != "pairs":
-            raise ValueError(f"{data_dir}: {kind!r} data has no x0_l (efficient mode); use variant='not_paired' "
+            raise DataError(f"{data_dir}: {kind!r} data has no x0_l (efficient mode); use variant='not_paired' "
                              "or 'rand_positive', or prepare full pairs")
         self.batch_size, self.variant, self.process_count = batch_size, variant, process_count
 
@@ -279,49 +280,3 @@ class PairLoader:
     def __len__(self) -> int:
         """Batches per epoch for this host (floor; with drop_remainder)."""
         return len(self.source) // self.process_count // self.batch_size
-
-
-# ------------------------------------------------------------------------------------------------ rand_cond
-
-
-def rand_cond_prob(t, T, kind: str = "sigmoid", lam: float = 20.0):
-    """p(t) of replacing a pair's prompts by an extra prompt (the authors' rand_cond); jittable in t.
-
-    sigmoid: 1 / (1 + exp(-lam (t/T - 0.7)))   (mostly the noisiest 30 % of steps)
-    exponential: exp(-lam (1 - t/T))
-    constant: 1 (the authors' "constant_1": always swap)
-    `t` is the integer timestep in [0, T); `kind` is static.
-    """
-    import jax.numpy as jnp
-
-    x = jnp.asarray(t, jnp.float32) / T
-    if kind == "sigmoid":
-        return 1.0 / (1.0 + jnp.exp(-lam * (x - 0.7)))
-    if kind == "exponential":
-        return jnp.exp(-lam * (1.0 - x))
-    if kind == "constant":
-        return jnp.ones_like(x)
-    raise ValueError(f"rand_cond kind must be 'sigmoid', 'exponential' or 'constant', got {kind!r}")
-
-
-def apply_rand_cond(u, t, T, batch: Mapping[str, Any], kind: str = "sigmoid", lam: float = 20.0):
-    """On device: per pair, with probability p(t), swap (cond_w, cond_l) for (extra_cond_w, extra_cond_l).
-
-    `u` are per-pair uniforms in [0, 1) (the train step draws them from each pair's own key, so the choice
-    does not depend on the mesh). The latents stay; swapped pairs get paired=False. Returns (cond_w,
-    cond_l, paired). Jittable.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    p = rand_cond_prob(t, T, kind, lam)
-    swap = jnp.asarray(u) < p
-
-    def pick(own, extra):
-        m = swap.reshape(swap.shape + (1,) * (own.ndim - swap.ndim))
-        return jnp.where(m, extra.astype(own.dtype), own)
-
-    cond_w = jax.tree.map(pick, dict(batch["cond_w"]), dict(batch["extra_cond_w"]))
-    cond_l = jax.tree.map(pick, dict(batch["cond_l"]), dict(batch["extra_cond_l"]))
-    paired = jnp.logical_and(jnp.asarray(batch.get("paired", True)), jnp.logical_not(swap))
-    return cond_w, cond_l, paired

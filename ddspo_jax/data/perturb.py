@@ -30,6 +30,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ddspo_jax.errors import UserError
+
 __all__ = [
     "random_removal", "Template", "load_template", "TEMPLATES", "parse_neg_prompts", "ChatBackend",
     "OpenAIChatBackend", "TransformersBackend", "AnswerCache", "LLMRewriter", "Perturbation", "Perturber",
@@ -168,7 +170,7 @@ def parse_neg_prompts(answer: str, prompt: str) -> tuple[list[str], str | None]:
 # ------------------------------------------------------------------------------------------------ backends
 
 
-class LLMBackendError(RuntimeError):
+class LLMBackendError(UserError, RuntimeError):
     """The backend could not produce an answer (after its retries)."""
 
 

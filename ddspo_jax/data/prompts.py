@@ -14,6 +14,8 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 
+from ddspo_jax.errors import DataError, MissingFileError
+
 __all__ = ["PromptStats", "load_prompts", "iter_raw_prompts", "clean_prompts"]
 
 
@@ -45,7 +47,7 @@ def _kind(path: str, fmt: str | None) -> str:
     for kind, exts in (("text", _TEXT), ("jsonl", _JSONL), ("csv", _CSV), ("parquet", _PARQUET)):
         if low.endswith(exts):
             return kind
-    raise ValueError(f"{path}: cannot tell the prompt file format from its extension; pass format= one of "
+    raise DataError(f"{path}: cannot tell the prompt file format from its extension; pass format= one of "
                      "'text', 'jsonl', 'csv', 'parquet'")
 
 
@@ -57,7 +59,7 @@ def iter_raw_prompts(path: str | os.PathLike, *, field: str | None = None, forma
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompt file not found: {path}")
+        raise MissingFileError(f"prompt file not found: {path}")
     kind = _kind(path, format)
     name = field or "prompt"
     if kind == "text":
@@ -73,7 +75,7 @@ def iter_raw_prompts(path: str | os.PathLike, *, field: str | None = None, forma
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
                 if not isinstance(row, dict) or name not in row:
                     raise KeyError(f"{path}:{lineno}: field {name!r} missing (pass field= to choose another; "
                                    f"keys here: {sorted(row) if isinstance(row, dict) else type(row).__name__})")
@@ -100,7 +102,7 @@ def iter_raw_prompts(path: str | os.PathLike, *, field: str | None = None, forma
         for value in pq.read_table(path, columns=[name]).column(name).to_pylist():
             yield None if value is None else str(value)
     else:
-        raise ValueError(f"{path}: unknown prompt file format {kind!r}")
+        raise DataError(f"{path}: unknown prompt file format {kind!r}")
 
 
 def clean_prompts(raw: Iterable[str | None], *, dedupe: bool = True, stats: PromptStats | None = None

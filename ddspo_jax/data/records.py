@@ -39,6 +39,8 @@ import ml_dtypes
 import numpy as np
 from flax import serialization
 
+from ddspo_jax.errors import DataError, MissingFileError
+
 __all__ = [
     "SCHEMA_VERSION", "FORMAT", "KINDS", "PairRecord", "encode_record", "decode_record", "RecordError",
     "ShardWriter", "shard_name", "plan_shards", "remove_partial_shards", "complete_shard", "write_manifest", "read_manifest", "MANIFEST",
@@ -55,7 +57,7 @@ _HOW_TO_CREATE = ("create it with `python -m ddspo_jax.prepare --config configs/
                   "authors' PyTorch release with `python -m ddspo_jax.prepare import-ddspo <folder>`")
 
 
-class RecordError(ValueError):
+class RecordError(DataError):
     """A record that cannot be used (wrong schema, corrupt bytes); the message names file and record."""
 
 
@@ -255,24 +257,24 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     folder = os.fspath(folder)
     path = os.path.join(folder, MANIFEST)
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"data folder not found: {folder}; {_HOW_TO_CREATE}")
+        raise MissingFileError(f"data folder not found: {folder}; {_HOW_TO_CREATE}")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{folder} has no {MANIFEST}, so it is not a finished dataset; {_HOW_TO_CREATE} "
+        raise MissingFileError(f"{folder} has no {MANIFEST}, so it is not a finished dataset; {_HOW_TO_CREATE} "
                                 "(an interrupted prepare run resumes when started again)")
     with open(path, encoding="utf-8") as f:
         try:
             m = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+            raise DataError(f"{path}: not valid JSON ({e})") from None
     if m.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {m.get('format')!r}, expected {FORMAT!r}")
+        raise DataError(f"{path}: format {m.get('format')!r}, expected {FORMAT!r}")
     if m.get("schema_version") != SCHEMA_VERSION:
         raise RecordError(f"{path}: schema version {m.get('schema_version')}, this code reads version "
                           f"{SCHEMA_VERSION}; re-create the data with this version's prepare")
     for s in m["shards"]:
         p = os.path.join(folder, s["file"])
         if not os.path.isfile(p):
-            raise FileNotFoundError(f"{p}: shard listed in {path} is missing")
+            raise MissingFileError(f"{p}: shard listed in {path} is missing")
     return m
 
 
@@ -293,12 +295,12 @@ def _authors_latent(folder: str, name: str) -> np.ndarray:
             x = tensors["latent"]
             if x.ndim == 4:
                 if x.shape[0] != 1:
-                    raise ValueError(f"{path}: 'latent' has shape {x.shape}, expected [1, C, H, W] or [C, H, W]")
+                    raise DataError(f"{path}: 'latent' has shape {x.shape}, expected [1, C, H, W] or [C, H, W]")
                 x = x[0]
             if x.ndim != 3:
-                raise ValueError(f"{path}: 'latent' has shape {x.shape}, expected [1, C, H, W] or [C, H, W]")
+                raise DataError(f"{path}: 'latent' has shape {x.shape}, expected [1, C, H, W] or [C, H, W]")
             return np.transpose(x, (1, 2, 0))  # CHW -> HWC
-    raise FileNotFoundError(f"latent {name!r} not found in {folder} (looked at {candidates})")
+    raise MissingFileError(f"latent {name!r} not found in {folder} (looked at {candidates})")
 
 
 def import_authors_release(src: str | os.PathLike, out: str | os.PathLike, encode, *, model: str = "",
@@ -317,7 +319,7 @@ def import_authors_release(src: str | os.PathLike, out: str | os.PathLike, encod
     src, out = os.fspath(src), os.fspath(out)
     meta_path = os.path.join(src, "metadata.jsonl")
     if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"{meta_path} not found: not an authors' release folder")
+        raise MissingFileError(f"{meta_path} not found: not an authors' release folder")
     entries = []
     with open(meta_path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -326,7 +328,7 @@ def import_authors_release(src: str | os.PathLike, out: str | os.PathLike, encod
             try:
                 e = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{meta_path}:{lineno}: not valid JSON ({err.msg})") from None
+                raise DataError(f"{meta_path}:{lineno}: not valid JSON ({err.msg})") from None
             for key in ("prompt", "neg_prompt", "pos_file"):
                 if key not in e:
                     raise KeyError(f"{meta_path}:{lineno}: field {key!r} missing")
@@ -335,7 +337,7 @@ def import_authors_release(src: str | os.PathLike, out: str | os.PathLike, encod
                 break
     has_neg = [bool(e.get("neg_file")) for e in entries]
     if any(has_neg) and not all(has_neg):
-        raise ValueError(f"{meta_path}: some lines have neg_file and some do not; split them into two datasets")
+        raise DataError(f"{meta_path}: some lines have neg_file and some do not; split them into two datasets")
     kind = "pairs" if all(has_neg) and entries else "positives"
     os.makedirs(out, exist_ok=True)
     remove_partial_shards(out)

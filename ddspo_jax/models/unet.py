@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from ddspo_jax.errors import ModelError
 from ddspo_jax.models.layers import (
     ATTENTION_IMPLS, Downsample2D, GroupNorm, LayerNorm, ResnetBlock2D, TimestepEmbedding, Upsample2D,
     attention, check_remat_policy, conv, timestep_embedding, unit,
@@ -25,7 +26,7 @@ from ddspo_jax.models.layers import (
 Dtype = Any
 
 
-class UnsupportedConfigError(ValueError):
+class UnsupportedConfigError(ModelError):
     """A diffusers config value this port does not implement (the message names the field)."""
 
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddspo_jax.errors import MissingFileError, ModelError
 from ddspo_jax import schedules
 
 # Paper's generation settings per family (Sec. 4 / App.): guidance scale, steps, resolution, sampler.
@@ -34,18 +35,29 @@ def _dtype(name: str):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
 
 
-def schedule_from_folder(folder: Path, fallback) -> schedules.DDPMSchedule | schedules.FlowSchedule:
+def schedule_from_folder(folder: Path, fallback, log=None) -> schedules.DDPMSchedule | schedules.FlowSchedule:
     """The training schedule from the pipeline's scheduler/scheduler_config.json (what the model was
-    trained with), falling back to the config's `schedule` section when there is none."""
+    trained with), falling back to the config's `schedule` section when there is none. Where the folder's
+    values replace the config's `schedule.*` keys, `log` is told once, with the values taken."""
     path = Path(folder) / "scheduler" / "scheduler_config.json"
     if not path.is_file():
         return schedules.from_config(fallback)
     sc = json.loads(path.read_text())
     if "FlowMatch" in sc.get("_class_name", "") or sc.get("use_flow_sigmas"):
-        return schedules.FlowSchedule(sc.get("num_train_timesteps", 1000), sc.get("shift", sc.get("flow_shift", 3.0)))
-    return schedules.DDPMSchedule(sc.get("num_train_timesteps", 1000), sc.get("beta_schedule", "scaled_linear"),
-                                  sc.get("beta_start", 0.00085), sc.get("beta_end", 0.012),
-                                  sc.get("prediction_type", "epsilon"))
+        taken = {"kind": "flow", "num_train_timesteps": sc.get("num_train_timesteps", 1000),
+                 "flow_shift": sc.get("shift", sc.get("flow_shift", 3.0))}
+        out = schedules.FlowSchedule(taken["num_train_timesteps"], taken["flow_shift"])
+    else:
+        taken = {"kind": "ddpm", "num_train_timesteps": sc.get("num_train_timesteps", 1000),
+                 "beta_schedule": sc.get("beta_schedule", "scaled_linear"), "beta_start": sc.get("beta_start", 0.00085),
+                 "beta_end": sc.get("beta_end", 0.012), "prediction_type": sc.get("prediction_type", "epsilon")}
+        out = schedules.DDPMSchedule(*(taken[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start",
+                                                          "beta_end", "prediction_type")))
+    changed = {k: v for k, v in taken.items() if k in fallback and fallback[k] != v}
+    if changed and log is not None:
+        log(f"{path} overrides the config: " + ", ".join(f"schedule.{k}={v!r} (config: {fallback[k]!r})"
+                                                         for k, v in changed.items()))
+    return out
 
 
 @dataclasses.dataclass
@@ -102,7 +114,7 @@ class Backbone:
         """Adds the text encoder(s) and the VAE when not loaded yet (training from records needs neither;
         its sample grids do)."""
         from ddspo_jax.convert import load_vae
-        from ddspo_jax.models.text import PromptEncoder
+        from ddspo_jax.backbones.text import PromptEncoder
 
         if text and self.encoder is None:
             self.encoder = PromptEncoder.from_pretrained(self.path, kind="sdxl" if self.family == "sdxl" else "sd1")
@@ -119,27 +131,33 @@ class Backbone:
         return np.asarray(self._decode(self.vae_params, latents))
 
 
-def load_backbone(model_cfg, schedule_cfg, *, text: bool = True, vae: bool = True) -> Backbone:
+def resolve_path(path: str, family: str = "sd") -> Path:
+    """config.model.path -> a diffusers folder: "tiny" / "tiny:<folder>" is the embedded tiny model (built on
+    first use); anything else is taken as given. The one way commands reach the embedded model."""
+
+    return resolve_model_path(path, family)
+
+
+def load_backbone(model_cfg, schedule_cfg, *, text: bool = True, vae: bool = True, log=print) -> Backbone:
     """Loads a diffusers pipeline folder named by `config.model.path` ("tiny" / "tiny:<folder>": the
     embedded tiny model, built on first use)."""
     from ddspo_jax.convert import load_unet
-    from ddspo_jax.models.text import require_components
-    from ddspo_jax.tiny import resolve_model_path
+    from ddspo_jax.backbones.text import require_components
 
     family = model_cfg.family
     if family not in ("sd", "sdxl"):
-        raise NotImplementedError(f"model.family={family!r}: only 'sd' and 'sdxl' backbones exist so far")
-    folder = resolve_model_path(model_cfg.path, family) if model_cfg.path else Path("")
+        raise ModelError(f"model.family={family!r}: only 'sd' and 'sdxl' backbones exist so far")
+    folder = resolve_path(model_cfg.path, family) if model_cfg.path else Path("")
     if not model_cfg.path or not folder.is_dir():
-        raise FileNotFoundError(f"config.model.path={model_cfg.path!r} is not a diffusers model folder")
+        raise MissingFileError(f"config.model.path={model_cfg.path!r} is not a diffusers model folder")
     require_components(folder, ["unet"] + (["vae"] if vae else []))
     dtype, pdtype = _dtype(model_cfg.dtype), _dtype(model_cfg.param_dtype)
     unet, unet_params = load_unet(folder, dtype, pdtype, attention_impl=model_cfg.attention or None,
                                   remat_policy=model_cfg.remat_policy, on_host=True)
     is_xl = unet.config.addition_embed_type == "text_time"
     if is_xl != (family == "sdxl"):
-        raise ValueError(f"config.model.family={family!r} but {folder / 'unet'} is "
+        raise ModelError(f"config.model.family={family!r} but {folder / 'unet'} is "
                          f"{'an SDXL' if is_xl else 'an SD-1.x-style'} UNet")
-    bb = Backbone(family, folder, unet, unet_params, schedule_from_folder(folder, schedule_cfg))
+    bb = Backbone(family, folder, unet, unet_params, schedule_from_folder(folder, schedule_cfg, log))
     bb.load_extras(text=text, vae=vae)
     return bb

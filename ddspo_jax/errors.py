@@ -1,0 +1,39 @@
+"""The project's error classes for user mistakes: what a config, a model folder, a prompt file or a dataset
+can get wrong. Commands catch exactly these (`UserError`) and print one line (DDSPO_DEBUG=1 shows the
+traceback); anything else is a bug and keeps its traceback. Each also subclasses the builtin it used to be
+(ValueError, FileNotFoundError, RuntimeError), so older `except` clauses still work."""
+
+
+class UserError(Exception):
+    """A mistake the user can fix; the message names the file, key or value."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config key is unknown, mistyped, has an invalid value or contradicts another."""
+
+
+class MeshError(UserError, ValueError):
+    """The mesh does not fit the devices or the batch."""
+
+
+class ModelError(UserError, ValueError):
+    """A model folder or weight file is missing, incomplete or not what the config says."""
+
+
+class DataError(UserError, ValueError):
+    """A prompt file or a preference dataset is malformed."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the command needs does not exist."""
+
+
+def one_line(e: BaseException) -> str:
+    """The message a command prints for a user mistake."""
+    return f"error: {e}\n(set DDSPO_DEBUG=1 for the traceback)"
+
+
+def debug() -> bool:
+    import os
+
+    return bool(os.environ.get("DDSPO_DEBUG"))

@@ -1,0 +1,99 @@
+"""Rooms that know only what they should: import rules read from the source with `ast`, and the package works
+from a wheel installed outside the checkout."""
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "ddspo_jax"
+COMMANDS = ("train", "prepare", "sample", "export", "toy", "tiny")
+
+
+def imports(path: Path) -> set[str]:
+    """Every ddspo_jax module a file imports (at any depth: lazy imports inside functions count)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            mod = node.module
+            if node.level:  # relative import: resolve against the file's package
+                base = path.relative_to(PKG.parent).with_suffix("").parts[:-node.level]
+                mod = ".".join(base + ((node.module,) if node.module else ()))
+            if mod.startswith("ddspo_jax"):
+                out.add(mod)
+                out.update(f"{mod}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("ddspo_jax"))
+    return out
+
+
+def under(mods, *prefixes):
+    return sorted(m for m in mods if any(m == p or m.startswith(p + ".") for p in prefixes))
+
+
+@pytest.mark.parametrize("path", sorted((PKG / "models").glob("*.py")), ids=lambda p: p.name)
+def test_models_import_no_loaders_data_or_commands(path):
+    bad = under(imports(path), "ddspo_jax.convert", "ddspo_jax.data", "ddspo_jax.backbones",
+                *(f"ddspo_jax.{c}" for c in COMMANDS))
+    assert not bad, f"{path.name} imports {bad}"
+
+
+def test_step_imports_nothing_from_data():
+    assert not under(imports(PKG / "step.py"), "ddspo_jax.data")
+
+
+@pytest.mark.parametrize("name", ["sampling.py", "schedules.py"])
+def test_sampler_and_schedules_import_no_backbones(name):
+    assert not under(imports(PKG / name), "ddspo_jax.backbones", *(f"ddspo_jax.{c}" for c in COMMANDS))
+
+
+@pytest.mark.parametrize("name", ["train.py", "prepare.py", "sample.py", "export.py"])
+def test_commands_reach_the_tiny_model_only_through_backbones(name):
+    assert not under(imports(PKG / name), "ddspo_jax.tiny"), f"{name} imports ddspo_jax.tiny directly"
+
+
+def test_no_family_strings_in_the_step():
+    src = (PKG / "step.py").read_text()
+    assert "sdxl" not in src and '"sd"' not in src
+
+
+@pytest.mark.slow  # builds a wheel and a virtual environment (~1 min)
+def test_wheel_installed_elsewhere_runs(tmp_path):
+    """`pip wheel`, installed (no deps) into a fresh venv that sees this environment's dependencies but not
+    the checkout; `train --help` and the toy's --quick run from an unrelated working directory."""
+    import site
+    import sysconfig
+
+    root = PKG.parent
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(wheels), str(root)], check=True, timeout=600)
+    wheel = next(wheels.glob("ddspo_jax-*.whl"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    purelib = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    # this environment's packages as a plain path (its .pth files, the editable checkout's among them, are
+    # not processed), after the venv's own site-packages
+    deps = [p for p in site.getsitepackages() + [sysconfig.get_paths()["purelib"]] if Path(p).is_dir()]
+    (Path(purelib) / "zz_deps.pth").write_text("\n".join(dict.fromkeys(deps)) + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", purelib, str(wheel)],
+                   check=True, timeout=600)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
+    env.update(JAX_PLATFORMS="cpu", HOME=str(tmp_path / "home"))
+    where = subprocess.run([py, "-c", "import ddspo_jax; print(ddspo_jax.__file__)"], cwd=work, env=env,
+                           capture_output=True, text=True, check=True).stdout
+    assert str(root) not in where and purelib in where, where
+    res = subprocess.run([py, "-m", "ddspo_jax.train", "--help"], cwd=work, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and "--config" in res.stdout + res.stderr, res.stderr[-2000:]
+    res = subprocess.run([py, "-m", "ddspo_jax.toy", "--quick", f"--config.output_dir={work / 'toy'}"], cwd=work,
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (work / "toy" / "toy_results.csv").is_file()
