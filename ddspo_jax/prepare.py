@@ -104,12 +104,12 @@ def _load_backbone(cfg):
 
 
 def resolve_settings(cfg, bb) -> dict[str, Any]:
-    """The generation settings (sampling.generation_settings: config overrides, else the family's paper
+    """The generation settings (backbones.generation_settings: config overrides, else the family's paper
     defaults) plus the data settings that decide what the records hold."""
-    from ddspo_jax import sampling
+    from ddspo_jax.backbones import generation_settings
 
     try:
-        gen = sampling.generation_settings(bb, sampler=cfg.prepare.sampler, steps=cfg.prepare.steps,
+        gen = generation_settings(bb, sampler=cfg.prepare.sampler, steps=cfg.prepare.steps,
                                            guidance=cfg.prepare.guidance, resolution=cfg.prepare.resolution,
                                            seed=cfg.seed)
     except ValueError as e:

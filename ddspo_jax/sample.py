@@ -107,7 +107,9 @@ def run(args) -> dict:
     images = {}
     for name, spec in models:
         bb, params = load_model(spec, dtype=dtype, step=args.step if name == "model" else None)
-        settings = sampling.generation_settings(bb, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+        from ddspo_jax.backbones import generation_settings
+
+        settings = generation_settings(bb, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                                                 resolution=args.resolution, seed=args.seed)
         gen, rep = sampling.Generator(bb, settings, mesh), sampling.replicate(params, mesh)
         imgs = []

@@ -10,7 +10,7 @@
     pndm        PNDMScheduler with skip_prk_steps (PLMS): SD-1.x's shipped default and the paper's SD sampler
     euler       EulerDiscreteScheduler (SDXL's default; "leading" spacing, steps_offset 1)
     flow_euler  FlowMatchEulerDiscreteScheduler (rectified flow, SANA-style schedules)
-  backbones.DEFAULTS names PNDM for SD-1.x (the paper's and the shipped pipelines' sampler), Euler for SDXL;
+  backbones.DEFAULTS (reaching the sampler as arguments) names PNDM for SD-1.x (the paper's and the shipped pipelines' sampler), Euler for SDXL;
   `prepare.sampler` / `sample --sampler` choose another.
 * The schedule math lives in `schedules.py`; this module only sequences it.
 """
@@ -193,28 +193,6 @@ def initial_noise(seed: int, indices, shape: tuple[int, ...]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------ generation (prepare and sample)
-
-
-def generation_settings(bb, *, sampler: str = "", steps: int = 0, guidance=None, resolution: int = 0,
-                        seed: int = 0) -> dict[str, Any]:
-    """Sampler, steps, guidance and latent shape: explicit values, else the family's paper defaults
-    (backbones.DEFAULTS) and the model folder's scheduler settings."""
-    import json
-
-    from ddspo_jax.backbones import DEFAULTS
-
-    d = DEFAULTS[bb.family]
-    path = bb.path / "scheduler" / "scheduler_config.json"
-    sched = json.loads(path.read_text()) if path.is_file() else {}
-    resolution = resolution or (bb.encoder.resolution if bb.encoder is not None else d["resolution"])
-    scale = bb.vae_scale
-    if resolution % scale:
-        raise ConfigError(f"resolution {resolution} is not a multiple of the VAE scale {scale}")
-    return {"family": bb.family, "sampler": sampler or d["sampler"], "steps": int(steps or d["steps"]),
-            "guidance": float(d["guidance"] if guidance is None else guidance), "resolution": int(resolution),
-            "latent_shape": [resolution // scale, resolution // scale, bb.latent_channels],
-            "steps_offset": int(sched.get("steps_offset", 1)),
-            "set_alpha_to_one": bool(sched.get("set_alpha_to_one", False)), "seed": int(seed)}
 
 
 def _pad(x: np.ndarray, n: int) -> np.ndarray:

@@ -375,7 +375,9 @@ class SampleGrid:
                 self.log(f"no sample grids: {e}")
                 self.disabled = True
                 return
-            settings = sampling.generation_settings(self.bb, sampler=self.cfg.prepare.sampler,
+            from ddspo_jax.backbones import generation_settings
+
+            settings = generation_settings(self.bb, sampler=self.cfg.prepare.sampler,
                                                     steps=self.cfg.prepare.steps, guidance=self.cfg.prepare.guidance,
                                                     resolution=self.cfg.prepare.resolution, seed=self.cfg.seed)
             self.gen = sampling.Generator(self.bb, settings, self.mesh)

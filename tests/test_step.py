@@ -117,7 +117,7 @@ def test_other_objectives_run(setup, objective):
 
 
 def test_bad_batch_split(setup):
-    cfg = make_cfg(batch=16, micro=3)
+    cfg = make_cfg(batch=40, micro=3)  # 40 pairs, micro-batches of 3 x 8 = 24
     with pytest.raises(ValueError, match="micro_batch_per_device"):
         step_lib.num_micro_batches(cfg, parallel.make_mesh(8, 1))
     with pytest.raises(ValueError, match="not divisible by the 8 devices"):

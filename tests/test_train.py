@@ -156,3 +156,28 @@ def test_missing_records_explains(assets, tmp_path):
     res = run_train(cfg)
     assert res.returncode != 0
     assert "ddspo_jax.prepare" in res.stderr
+
+
+def test_out_of_memory_names_the_keys():
+    """XLA's RESOURCE_EXHAUSTED becomes one user error naming the three keys and the bytes asked for."""
+    import jax
+    import pytest
+
+    from ddspo_jax import parallel
+    from ddspo_jax.config import base_config
+    from ddspo_jax.errors import UserError
+    from ddspo_jax.train import out_of_memory_hint
+
+    cfg = base_config()
+    cfg.train.micro_batch_per_device, cfg.model.remat_policy = 8, "none"
+    mesh = parallel.make_mesh(2, 4)
+    with pytest.raises(UserError) as e:
+        with out_of_memory_hint(cfg, mesh):
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                                             "82.50GiB.")
+    msg = str(e.value)
+    for part in ("train.micro_batch_per_device=8", "model.remat_policy='none'", "mesh.fsdp=4", "82.50GiB"):
+        assert part in msg, msg
+    with pytest.raises(jax.errors.JaxRuntimeError):  # other runtime errors are bugs: untouched
+        with out_of_memory_hint(cfg, mesh):
+            raise jax.errors.JaxRuntimeError("INTERNAL: something else")

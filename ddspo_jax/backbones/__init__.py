@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddspo_jax.errors import MissingFileError, ModelError
+from ddspo_jax.errors import ConfigError, MissingFileError, ModelError
 from ddspo_jax import schedules
 
 # Paper's generation settings per family (Sec. 4 / App.): guidance scale, steps, resolution, sampler.
@@ -53,7 +53,7 @@ def schedule_from_folder(folder: Path, fallback, log=None) -> schedules.DDPMSche
                  "beta_end": sc.get("beta_end", 0.012), "prediction_type": sc.get("prediction_type", "epsilon")}
         out = schedules.DDPMSchedule(*(taken[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start",
                                                           "beta_end", "prediction_type")))
-    changed = {k: v for k, v in taken.items() if k in fallback and fallback[k] != v}
+    changed = {k: v for k, v in taken.items() if fallback is not None and k in fallback and fallback[k] != v}
     if changed and log is not None:
         log(f"{path} overrides the config: " + ", ".join(f"schedule.{k}={v!r} (config: {fallback[k]!r})"
                                                          for k, v in changed.items()))
@@ -131,9 +131,31 @@ class Backbone:
         return np.asarray(self._decode(self.vae_params, latents))
 
 
+def generation_settings(bb, *, sampler: str = "", steps: int = 0, guidance=None, resolution: int = 0,
+                        seed: int = 0) -> dict[str, Any]:
+    """Sampler, steps, guidance and latent shape: explicit values, else the family's paper defaults
+    (DEFAULTS) and the model folder's scheduler settings."""
+    import json
+
+    d = DEFAULTS[bb.family]
+    path = bb.path / "scheduler" / "scheduler_config.json"
+    sched = json.loads(path.read_text()) if path.is_file() else {}
+    resolution = resolution or (bb.encoder.resolution if bb.encoder is not None else d["resolution"])
+    scale = bb.vae_scale
+    if resolution % scale:
+        raise ConfigError(f"resolution {resolution} is not a multiple of the VAE scale {scale}")
+    return {"family": bb.family, "sampler": sampler or d["sampler"], "steps": int(steps or d["steps"]),
+            "guidance": float(d["guidance"] if guidance is None else guidance), "resolution": int(resolution),
+            "latent_shape": [resolution // scale, resolution // scale, bb.latent_channels],
+            "steps_offset": int(sched.get("steps_offset", 1)),
+            "set_alpha_to_one": bool(sched.get("set_alpha_to_one", False)), "seed": int(seed)}
+
+
 def resolve_path(path: str, family: str = "sd") -> Path:
     """config.model.path -> a diffusers folder: "tiny" / "tiny:<folder>" is the embedded tiny model (built on
     first use); anything else is taken as given. The one way commands reach the embedded model."""
+    from ddspo_jax.tiny import resolve_model_path
+
 
     return resolve_model_path(path, family)
 
