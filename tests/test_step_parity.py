@@ -52,7 +52,7 @@ def torch_step(cfg, model, ref, batch, ts, noise, opt):
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())
 
 
 @pytest.mark.parametrize("objective,optimizer", [("ddspo", "adamw"), ("ddspo", "adafactor"), ("dpo", "adamw"),
