@@ -94,6 +94,7 @@ def bench_cfg(batch: int, micro: int, dtype: str = "float32", base=None):
     cfg.train.batch_size = batch
     cfg.train.micro_batch_per_device = micro if micro and micro != batch else 0  # one device on the CPU path
     cfg.model.dtype = dtype
+    cfg.train.lr = cfg.train.beta / 2.048e8  # the paper text's rule: a visible first update for the loss check
     cfg.mesh.data, cfg.mesh.fsdp = -1, 1
     if base is None:
         cfg.train.warmup_steps = 0

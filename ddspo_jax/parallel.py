@@ -168,6 +168,13 @@ class Gather:
     def __init__(self, axes: dict, dtype, prefix: tuple[str, ...] = (), axis_name: str = "fsdp"):
         self.axes, self.dtype, self.prefix, self.axis_name = axes, dtype, tuple(prefix), axis_name
 
+    @property
+    def noop(self) -> bool:
+        """Nothing sharded and nothing to cast (float32 compute on one fsdp shard): blocks need no wrapper."""
+        import jax.numpy as jnp
+
+        return jnp.dtype(self.dtype) == jnp.float32 and all(a is None for a in self.axes.values())
+
     def at(self, *names: str) -> "Gather":
         return Gather(self.axes, self.dtype, self.prefix + tuple(names), self.axis_name)
 

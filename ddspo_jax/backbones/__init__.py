@@ -93,7 +93,7 @@ class Backbone:
         added = None
         if self.family == "sdxl":
             added = {"text_embeds": cond["pooled_prompt_embeds"], "time_ids": cond["add_time_ids"]}
-        if gather is None:
+        if gather is None or gather.noop:  # whole float32 weights already: no per-block wrapper needed
             return self.unet.apply({"params": params}, x_t, t, cond["prompt_embeds"], added_cond=added)
 
         def run(params, x_t, t, ctx, added):
