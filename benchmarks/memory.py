@@ -51,7 +51,7 @@ from ddspo_jax.models.unet import UNet2DConditionModel, count_params, in_unit  #
 CONFIGS = ROOT / "ddspo_jax" / "models" / "configs"
 TOKENS = 77
 GiB = 2 ** 30
-MODELS = {"sd15": ("sd15_unet.json", 64, "dots_saveable"), "sdxl": ("sdxl_unet.json", 128, "block")}
+MODELS = {"sd15": ("sd15_unet.json", 64, "block"), "sdxl": ("sdxl_unet.json", 128, "block")}
 OPT_BYTES = {"adamw": 8, "adafactor": 0}  # per param, f32 moments (Adafactor: factored, counted exactly below)
 
 

@@ -92,3 +92,46 @@ def test_shipped_configs_carry_the_release_hyperparameters():
         assert (c.train.optimizer, c.train.adam_b1, c.train.adam_b2, c.train.adam_eps, c.train.weight_decay,
                 c.train.grad_clip) == ("adamw", 0.9, 0.999, 1e-8, 1e-2, 1.0), name
         assert c.schedule.loss_weighting == weighting, name
+
+
+def test_rand_cond_needs_an_objective_with_cpp_targets():
+    cfg = base_config()
+    cfg.data.rand_cond, cfg.train.objective = "sigmoid", "dpo"
+    with pytest.raises(ConfigError, match="data.rand_cond"):
+        validate(cfg)
+    cfg.train.objective = "dspo_cpp"
+    validate(cfg)
+
+
+def test_user_errors_are_one_family():
+    """Commands catch ddspo_jax.errors.UserError only: the project's user-mistake classes are in it, a
+    plain ValueError (a bug) is not."""
+    from ddspo_jax.convert.common import ConversionError
+    from ddspo_jax.data.records import RecordError
+    from ddspo_jax.errors import UserError
+    from ddspo_jax.export import ExportError
+    from ddspo_jax.train import USER_ERRORS, OutOfMemory, TrainingDiverged
+
+    for cls in (ConfigError, ConversionError, RecordError, ExportError, TrainingDiverged, OutOfMemory):
+        assert issubclass(cls, UserError), cls
+    assert USER_ERRORS == (UserError,) and not issubclass(ValueError, UserError)
+
+
+def test_scheduler_folder_override_is_reported(tmp_path):
+    import json
+
+    from ddspo_jax.backbones import schedule_from_folder
+
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "DDIMScheduler", "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
+         "num_train_timesteps": 1000, "prediction_type": "v_prediction"}))
+    said = []
+    sched = schedule_from_folder(tmp_path, base_config().schedule, said.append)
+    assert len(said) == 1 and "schedule.prediction_type='v_prediction'" in said[0] and "beta_schedule" in said[0]
+    assert sched.prediction_type == "v_prediction"
+    said.clear()
+    cfg = base_config().schedule
+    cfg.beta_schedule, cfg.beta_start, cfg.beta_end, cfg.prediction_type = "linear", 0.0001, 0.02, "v_prediction"
+    schedule_from_folder(tmp_path, cfg, said.append)
+    assert said == []  # nothing replaced, nothing said

@@ -60,7 +60,6 @@ def test_no_family_strings_in_the_step():
     assert "sdxl" not in src and '"sd"' not in src
 
 
-@pytest.mark.slow  # builds a wheel and a virtual environment (~1 min)
 def test_wheel_installed_elsewhere_runs(tmp_path):
     """`pip wheel`, installed (no deps) into a fresh venv that sees this environment's dependencies but not
     the checkout; `train --help` and the toy's --quick run from an unrelated working directory."""

@@ -18,11 +18,12 @@ def get_config():
     c.model.family = "sd"
     c.model.path = "models/stable-diffusion-v1-5"
     c.model.dtype = "bfloat16"          # compute and the frozen reference; master weights stay float32
-    c.model.remat_policy = "dots_saveable"  # benchmarks/memory.py: see README's memory table
+    c.model.remat_policy = "block"      # the smallest policy by benchmarks/memory.py (README's memory table)
     c.train.objective = "ddspo"
     c.train.beta = 16000.0              # --beta_dpo 16000
     c.train.batch_size = 2048           # 8 pairs x 16 accumulation steps x 16 GPUs in the release
-    c.train.micro_batch_per_device = 16  # fits an 80 GB GPU (README's memory table); accumulation does the rest
+    c.train.micro_batch_per_device = 8  # the release's per-GPU batch (--train_batch_size 8); not yet measured
+                                        # on a GPU here: benchmarks/memory.py --gpu says what fits
     c.train.lr_per_pair = 2.5e-9        # --learning_rate 2.5e-9 --scale_lr -> 5.12e-6
     c.train.steps = 200                 # --max_train_steps 200 (the paper's text: 100)
     c.train.warmup_steps = 100          # --lr_warmup_steps 100, constant_with_warmup

@@ -6,7 +6,8 @@
 Where the paper's text and the release differ, the release wins (README "Hyperparameters"): lr 2.5e-9 x 2048
 = 5.12e-6, 500 steps (the text: 100), AdamW (the text, after Diffusion-DPO: Adafactor; the release's SDXL
 script does not pass --use_adafactor). `--config.train.optimizer=adafactor` gives transformers' Adafactor.
-On 16 GB TPU v5e chips: --config.train.micro_batch_per_device=1 over >= 8 chips (README's memory table).
+On 16 GB TPU v5e chips start from --config.train.micro_batch_per_device=1 over >= 8 chips and check with
+benchmarks/memory.py on the chip (README's memory table).
 """
 
 from ddspo_jax.config import base_config
@@ -18,12 +19,13 @@ def get_config():
     c.model.family = "sdxl"
     c.model.path = "models/stable-diffusion-xl-base-1.0"
     c.model.dtype = "bfloat16"          # compute and the frozen reference; master weights stay float32
-    c.model.remat_policy = "block"      # benchmarks/memory.py: see README's memory table
+    c.model.remat_policy = "block"      # the smallest policy by benchmarks/memory.py (README's memory table)
     c.schedule.loss_weighting = "linear"  # --loss_weighting linear (SDXL only in the release)
     c.train.objective = "ddspo"
     c.train.beta = 16000.0              # --beta_dpo 16000
     c.train.batch_size = 2048           # 8 pairs x 64 accumulation steps x 4 GPUs in the release
-    c.train.micro_batch_per_device = 8  # fits an 80 GB GPU with fsdp over 8 (README's memory table)
+    c.train.micro_batch_per_device = 8  # the release's per-GPU batch (--train_batch_size 8); not yet measured
+                                        # on a GPU here: benchmarks/memory.py --gpu says what fits
     c.train.lr_per_pair = 2.5e-9        # --learning_rate 2.5e-9 --scale_lr -> 5.12e-6
     c.train.steps = 500                 # --max_train_steps 500 (the paper's text: 100)
     c.train.warmup_steps = 100          # --lr_warmup_steps 100, constant_with_warmup

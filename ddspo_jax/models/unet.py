@@ -479,7 +479,7 @@ _UNIT = re.compile(r"(resnets|transformer_blocks)_\d+")
 def apply_sharded(model: UNet2DConditionModel, gather, params, *args, **kwargs):
     """`model.apply` on fsdp *shards* inside a shard_map: each ResNet / transformer block gathers its own
     weights when it runs (models/layers.unit); the few weights outside blocks (conv_in/out, embeddings,
-    norms, proj_in/out, resamplers: ~4 % of SDXL) are gathered here for the whole call."""
+    norms, proj_in/out, resamplers: 2.1 % of SDXL, 9.2 % of SD-1.5) are gathered here for the whole call."""
     return model.clone(gather=gather).apply({"params": gather(params, skip=in_unit)}, *args, **kwargs)
 
 
