@@ -1,7 +1,7 @@
 """Per-device memory of the real SD-1.5 and SDXL train steps, from XLA's own buffer assignment.
 
-  python benchmarks/memory.py                 # CPU: 8 host devices, both models, the full table (~30 min)
-  python benchmarks/memory.py --quick         # SD-1.5 and SDXL at micro-batch 1 only
+  python benchmarks/memory.py                 # CPU: 8 host devices, both models, the full table (hours on 2 cores)
+  python benchmarks/memory.py --quick         # micro-batch 1 only (~45 min: one SDXL compile takes 11-15 min)
   python benchmarks/memory.py --gpu           # the same table on the accelerator's own devices
 
 The UNets are built from their diffusers config JSONs (ddspo_jax/models/configs) with abstract inputs only
