@@ -6,7 +6,8 @@ One readable loop in banner sections: runtime and mesh -> model -> data -> optim
 checkpoint (resume) -> step -> loop. The output folder holds `config.json`, Orbax checkpoints
 (params, optimizer state, step, RNG and the Grain iterator state) under `checkpoints/`, TensorBoard
 events, and sample grids. A run resumes from its latest checkpoint automatically; SIGTERM (TPU
-preemption) saves before exit; a NaN/inf loss stops the run and keeps the last good checkpoint.
+preemption) saves before exit; a step with a NaN/inf loss or gradient is skipped on device, and
+train.max_skipped_steps of them in a row stop the run (every checkpoint holds a finite state).
 """
 
 from __future__ import annotations

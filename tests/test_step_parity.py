@@ -55,8 +55,10 @@ def torch_step(cfg, model, ref, batch, ts, noise, opt):
     return float(loss.detach())
 
 
-@pytest.mark.parametrize("objective,optimizer", [("ddspo", "adamw"), ("ddspo", "adafactor"), ("dpo", "adamw"),
-                                                 ("dpo", "adafactor")])
+# Each objective and each optimizer in the default suite; the other two pairings with the slow tests.
+@pytest.mark.parametrize("objective,optimizer", [("ddspo", "adafactor"), ("dpo", "adamw"),
+                                                 pytest.param("ddspo", "adamw", marks=pytest.mark.slow),
+                                                 pytest.param("dpo", "adafactor", marks=pytest.mark.slow)])
 def test_step_equals_pytorch(objective, optimizer):
     import diffusers
     import torch
