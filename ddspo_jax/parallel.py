@@ -158,7 +158,7 @@ def fsdp_axes(tree, fsdp_size: int) -> dict[tuple[str, ...], int | None]:
 class Gather:
     """Turns fsdp shards into whole weights in the compute dtype, inside the step's shard_map.
 
-    A model calls it per block (`nn.map_variables` inside `nn.remat`, see models/layers.fsdp_unit), so a
+    A model calls it per block (`nn.map_variables` inside `nn.remat`, see models/layers.unit), so a
     block's weights exist whole only while that block runs, and the backward pass gathers them again
     instead of keeping them; JAX transposes the all-gather into a reduce-scatter, so gradients come back
     fsdp-sharded. Floating leaves are cast to `dtype` *before* the gather (half the traffic in bf16).
@@ -189,8 +189,7 @@ class Gather:
         a = self.axes[full]
         if a is None:
             return x
-        return checkpoint_name(jax.lax.all_gather(x, self.axis_name, axis=a, tiled=True),
-                                                 "fsdp_gathered")
+        return checkpoint_name(jax.lax.all_gather(x, self.axis_name, axis=a, tiled=True), "fsdp_gathered")
 
     def __call__(self, tree, path: tuple[str, ...] = (), skip=None):
         """Gathers every leaf of `tree` (found at `path` below the prefix); `skip(names)` True leaves a

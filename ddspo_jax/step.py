@@ -22,11 +22,10 @@ not finite, counting it in the state (no host sync).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -171,10 +170,6 @@ def num_micro_batches(cfg, mesh) -> int:
     return micro_batching(cfg, mesh)[0]
 
 
-def _dtype(name):
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
-
-
 class TrainStep:
     """`grad` per micro-batch into a donated sharded accumulator, `update` per step; `__call__` does both.
 
@@ -189,7 +184,7 @@ class TrainStep:
         fsdp_n, n_dev, k = mesh.shape["fsdp"], mesh.size, self.k
         ref_shape = params_shape if ref_shape is None else ref_shape
         specs, ref_specs = parallel.tree_specs(params_shape, mesh), parallel.tree_specs(ref_shape, mesh)
-        compute = _dtype(cfg.model.dtype)
+        compute = jnp.dtype(cfg.model.dtype)
         axes = parallel.fsdp_axes(params_shape, fsdp_n)
         gathers = (parallel.Gather(axes, compute), parallel.Gather(parallel.fsdp_axes(ref_shape, fsdp_n), compute))
         sharded = jax.tree_util.tree_map_with_path(lambda p, x: axes[parallel.key_path(p)] is not None,

@@ -118,13 +118,6 @@ def compilation_cache(out) -> str | None:
     return folder
 
 
-def _np_dtype(name: str):
-    import ml_dtypes
-    import numpy as np
-
-    return {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[name]
-
-
 def train(cfg, *, log=print) -> dict:
     """Runs (or resumes) the configured fine-tune; returns a summary dict."""
     import jax
@@ -181,7 +174,7 @@ def train(cfg, *, log=print) -> dict:
     lr = learning_rate(cfg)
     optimizer, lr_schedule = step_lib.make_optimizer(cfg, lr)
     host_unet, backbone.unet_params = backbone.unet_params, None  # numpy; only shards go to devices
-    ref_dtype = _np_dtype(cfg.model.ref_dtype or cfg.model.dtype)
+    ref_dtype = jnp.dtype(cfg.model.ref_dtype or cfg.model.dtype)
     ref_unet = parallel.shard_tree(jax.tree.map(lambda x: np.asarray(x).astype(ref_dtype), host_unet), mesh)
     ref_params, unet_of_ref = ref_unet, (lambda r: r)
     embed = lambda r, c, g: c  # noqa: E731

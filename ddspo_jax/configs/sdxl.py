@@ -11,26 +11,13 @@ benchmarks/memory.py on the chip (README's memory table).
 """
 
 from ddspo_jax.config import base_config
+from ddspo_jax.configs import release_sd
 
 
 def get_config():
-    c = base_config()
-    c.output_dir = "runs/sdxl"
+    c = release_sd(base_config(), name="sdxl", steps=500)  # 8 pairs x 64 accumulation x 4 GPUs
     c.model.family = "sdxl"
     c.model.path = "models/stable-diffusion-xl-base-1.0"
-    c.model.dtype = "bfloat16"          # compute and the frozen reference; master weights stay float32
-    c.model.remat_policy = "block"      # the smallest policy by benchmarks/memory.py (README's memory table)
     c.schedule.loss_weighting = "linear"  # --loss_weighting linear (SDXL only in the release)
-    c.train.objective = "ddspo"
-    c.train.beta = 16000.0              # --beta_dpo 16000
-    c.train.batch_size = 2048           # 8 pairs x 64 accumulation steps x 4 GPUs in the release
-    c.train.micro_batch_per_device = 8  # the release's per-GPU batch (--train_batch_size 8); not yet measured
-                                        # on a GPU here: benchmarks/memory.py --gpu says what fits
-    c.train.lr_per_pair = 2.5e-9        # --learning_rate 2.5e-9 --scale_lr -> 5.12e-6
-    c.train.steps = 500                 # --max_train_steps 500 (the paper's text: 100)
-    c.train.warmup_steps = 100          # --lr_warmup_steps 100, constant_with_warmup
-    c.train.optimizer = "adamw"         # AdamW(0.9, 0.999, eps 1e-8, wd 1e-2), clip_grad_norm 1.0 (args.py)
-    c.train.checkpoint_every = 50       # --checkpointing_steps 50
     c.mesh.data, c.mesh.fsdp = 1, -1    # params, reference, optimizer state and gradients sharded over all chips
-    c.data.records = "runs/sdxl/records"
     return c
