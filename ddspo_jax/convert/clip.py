@@ -22,6 +22,7 @@ from ddspo_jax.convert.common import (
     ConversionError,
     KeyTable,
     export_dtype,
+    read_safetensors,
     params_from_state_dict,
     resolve_component,
     state_dict_from_params,
@@ -115,3 +116,75 @@ def export_clip_text(model: CLIPTextModel | CLIPTextConfig | Mapping, params: Ma
     tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, out / "config.json")
     return out
+
+
+# ------------------------------------------------------------------------------- vision and pair
+
+_VISION_IGNORE = (r"(vision_model\.)?embeddings\.position_ids",)
+VISION_PREFIXED = KeyTable(list_modules=frozenset({"layers"}), ignore=_VISION_IGNORE)
+VISION_BARE = KeyTable(list_modules=frozenset({"layers"}), renames=((r"^vision_model\.", ""),), ignore=_VISION_IGNORE)
+PAIR_TABLE = KeyTable(list_modules=frozenset({"layers"}), ignore=_IGNORE + _VISION_IGNORE)
+
+
+def _vision_layout(keys) -> KeyTable:
+    keys = list(keys)
+    if any(k.startswith("vision_model.") for k in keys):
+        return VISION_PREFIXED
+    if any(k.startswith(("embeddings.patch_embedding", "pre_layrnorm.")) for k in keys):
+        return VISION_BARE
+    raise ConversionError("state dict holds no CLIP vision weights (neither `vision_model.embeddings.*` nor "
+                          f"`embeddings.patch_embedding.*` keys); first keys: {sorted(keys)[:5]}")
+
+
+def load_clip_vision(path: str | os.PathLike, dtype=jnp.float32, param_dtype=jnp.float32, *,
+                     component: str = "image_encoder", variant: str | None = None):
+    """A `CLIPVisionModelWithProjection` or `CLIPModel` folder (or a pipeline's `image_encoder/`) -> the
+    vision tower with its projection, as (module, params).
+
+    From a CLIPModel the text tower is dropped; without `visual_projection.weight` in the file the module
+    has no projection and returns no `image_embeds`.
+    """
+    from ddspo_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModel
+
+    cfg, state_dict, source = resolve_component(path, component, variant=variant)
+    if cfg.get("model_type") == "clip" or any(k.startswith("text_model.") for k in state_dict):
+        state_dict = {k: v for k, v in state_dict.items()
+                      if k.startswith(("vision_model.", "visual_projection."))}
+    model = CLIPVisionModel(CLIPVisionConfig.from_dict(cfg, "visual_projection.weight" in state_dict),
+                            dtype=dtype, param_dtype=param_dtype)
+    params = params_from_state_dict(_vision_layout(state_dict), model.init_shapes(), state_dict,
+                                    dtype=np.dtype(param_dtype), source=source)
+    return model, jax.tree.map(jnp.asarray, params)
+
+
+def load_clip_model(path: str | os.PathLike, dtype=jnp.float32, param_dtype=jnp.float32, *,
+                    variant: str | None = None):
+    """A transformers `CLIPModel` folder (config `model_type: clip`; PickScore, OpenAI CLIP, LAION CLIP)
+    -> (models.clip_vision.CLIPModel, params)."""
+    from ddspo_jax.models.clip_vision import CLIPModel, CLIPVisionConfig
+
+    cfg, state_dict, source = resolve_component(path, "clip", variant=variant)
+    if cfg.get("model_type") != "clip":
+        raise ConversionError(f"{source}: config.json has model_type {cfg.get('model_type')!r}; a CLIPModel "
+                              "folder (model_type 'clip', both towers and logit_scale) is needed here")
+    text = CLIPTextConfig.from_dict(cfg, with_projection=False)
+    model = CLIPModel(text, CLIPVisionConfig.from_dict(cfg, True), dtype=dtype, param_dtype=param_dtype)
+    params = params_from_state_dict(PAIR_TABLE, model.init_shapes(), state_dict, dtype=np.dtype(param_dtype),
+                                    source=source)
+    return model, jax.tree.map(jnp.asarray, params)
+
+
+AESTHETIC_TABLE = KeyTable(list_modules=frozenset({"layers"}))
+
+
+def load_aesthetic_head(path: str | os.PathLike, embed_dim: int = 768):
+    """The improved aesthetic predictor's MLP head from a safetensors file (converted once from the published
+    .pth; never unpickled here) -> (models.clip_vision.AestheticMLP, params). Shapes are checked against
+    `embed_dim`, the CLIP projection width it reads."""
+    from ddspo_jax.models.clip_vision import AestheticMLP
+
+    head = AestheticMLP()
+    shapes = jax.eval_shape(lambda x: head.init(jax.random.key(0), x),
+                            jax.ShapeDtypeStruct((1, embed_dim), jnp.float32))["params"]
+    params = params_from_state_dict(AESTHETIC_TABLE, shapes, read_safetensors(path), source=str(path))
+    return head, jax.tree.map(jnp.asarray, params)

@@ -54,7 +54,8 @@ class KeyTable:
         path = ".".join(parts)
         for pattern, repl in self.renames:
             path = re.sub(pattern, repl, path)
-        return f"{self.prefix}{path}.{_LEAF_NAMES[leaf]}" if path else f"{self.prefix}{_LEAF_NAMES[leaf]}"
+        name = _LEAF_NAMES.get(leaf, leaf)  # a raw `self.param` (CLIP's class_embedding, logit_scale) keeps its name
+        return f"{self.prefix}{path}.{name}" if path else f"{self.prefix}{name}"
 
 
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}

@@ -76,22 +76,24 @@ class CLIPTextConfig:
 
 
 class CLIPAttention(nn.Module):
-    config: CLIPTextConfig
+    config: Any  # CLIPTextConfig or models.clip_vision.CLIPVisionConfig: the same layer fields
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    causal: bool = True  # the text tower; the vision tower attends both ways
 
     @nn.compact
     def __call__(self, x, mask=None):
         c = self.config
         dense = lambda name: nn.Dense(c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         q, k, v = (dense(n)(x) for n in ("q_proj", "k_proj", "v_proj"))
-        # mask=None: plain causal (what SD/SDXL use); else a [B, 1, T, T] boolean mask already incl. causal.
-        out = attention(q, k, v, c.num_attention_heads, mask=mask, is_causal=mask is None)
+        # mask=None: plain causal (what SD/SDXL use) or none at all (vision); else a [B, 1, T, T] boolean mask
+        # already incl. causal.
+        out = attention(q, k, v, c.num_attention_heads, mask=mask, is_causal=self.causal and mask is None)
         return dense("out_proj")(out)
 
 
 class CLIPMLP(nn.Module):
-    config: CLIPTextConfig
+    config: Any
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -104,15 +106,16 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    config: CLIPTextConfig
+    config: Any
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x, mask=None):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         ln = lambda name: nn.LayerNorm(epsilon=c.layer_norm_eps, name=name, **kw)
-        x = x + CLIPAttention(c, name="self_attn", **kw)(ln("layer_norm1")(x), mask)
+        x = x + CLIPAttention(c, name="self_attn", causal=self.causal, **kw)(ln("layer_norm1")(x), mask)
         return x + CLIPMLP(c, name="mlp", **kw)(ln("layer_norm2")(x))
 
 
@@ -131,16 +134,19 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    config: CLIPTextConfig
+    """The layer stack both CLIP towers share (transformers' `CLIPEncoder`); `causal` for the text tower."""
+
+    config: Any
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x, mask=None):
         """Returns every layer's output (the input first), as transformers' `hidden_states`."""
         hidden_states = [x]
         for i in range(self.config.num_hidden_layers):
-            x = CLIPEncoderLayer(self.config, self.dtype, self.param_dtype, name=f"layers_{i}")(x, mask)
+            x = CLIPEncoderLayer(self.config, self.dtype, self.param_dtype, self.causal, name=f"layers_{i}")(x, mask)
             hidden_states.append(x)
         return tuple(hidden_states)
 
