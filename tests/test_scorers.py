@@ -54,8 +54,11 @@ def test_preprocess_equals_the_pil_image_processor(shape, size, crop, resample):
 
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
+    return make_clip_folder(tmp_path_factory.mktemp("clip") / "model")
+
+
+def make_clip_folder(folder):
     """A CLIPModel folder as PickScore / OpenAI CLIP ship it: weights, tokenizer and preprocessor config."""
-    folder = tmp_path_factory.mktemp("clip") / "model"
     tok = _make_tokenizer(folder / "tok")
     cfg = clip_model_config(vocab=len(tok) + 4)
     cfg.text_config.eos_token_id, cfg.text_config.bos_token_id = tok.eos_token_id, tok.bos_token_id

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "ddspo_jax"
-COMMANDS = ("train", "prepare", "sample", "export", "toy", "tiny")
+COMMANDS = ("train", "prepare", "sample", "export", "evaluate", "toy", "tiny")
 
 
 def imports(path: Path) -> set[str]:
@@ -50,9 +50,16 @@ def test_sampler_and_schedules_import_no_backbones(name):
     assert not under(imports(PKG / name), "ddspo_jax.backbones", *(f"ddspo_jax.{c}" for c in COMMANDS))
 
 
-@pytest.mark.parametrize("name", ["train.py", "prepare.py", "sample.py", "export.py"])
+@pytest.mark.parametrize("name", ["train.py", "prepare.py", "sample.py", "export.py", "evaluate.py"])
 def test_commands_reach_the_tiny_model_only_through_backbones(name):
     assert not under(imports(PKG / name), "ddspo_jax.tiny"), f"{name} imports ddspo_jax.tiny directly"
+
+
+@pytest.mark.parametrize("path", sorted((PKG / "scorers").glob("*.py")), ids=lambda p: p.name)
+def test_scorers_import_no_commands_data_or_step(path):
+    """Scorers measure images: `evaluate` (and later `train`) call them, never the other way."""
+    bad = under(imports(path), "ddspo_jax.data", "ddspo_jax.step", *(f"ddspo_jax.{c}" for c in COMMANDS))
+    assert not bad, f"{path.name} imports {bad}"
 
 
 def test_no_family_strings_in_the_step():

@@ -1,0 +1,268 @@
+"""Measure a model (and compare two) by generating images for a prompt file and scoring them.
+
+  python -m ddspo_jax.evaluate --model runs/sd15 --compare <base folder> --prompts p.txt \\
+      --scorer pickscore --scorer-path ./PickScore_v1 --out eval/
+
+--model / --compare take what `sample` takes (a diffusers folder, "tiny", a training run folder). Both models
+generate every prompt from the same initial noise (prompt i, image k: the noise of (seed, k * n_prompts + i),
+so image 0 of prompt i is what `sample --seed` gives), through the project's one sampler. Images are written
+as PNGs and an interrupted run resumes: images already on disk are read back, not generated again (scoring a
+PNG equals scoring the image, the scorers quantise the same way).
+
+Reported, with 95 % intervals from a bootstrap over prompts (the unit the papers average over): each model's
+mean score; with --compare, the paired difference (model - compare), the win rate over prompts (ties half)
+and, for scorers with a pairwise definition (pickscore), the mean preference probability P(model > compare).
+Writes results.jsonl (one line per image), summary.json and grid.png (prompt, image, score).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+BOOTSTRAP = 2000
+
+
+def bootstrap_ci(values: np.ndarray, stat=np.mean, n: int = BOOTSTRAP, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of `stat` over the first axis (prompts)."""
+    values = np.asarray(values, np.float64)
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, len(values), (n, len(values)))
+    stats = np.array([stat(values[i]) for i in idx]) if stat is not np.mean else values[idx].mean(axis=1)
+    lo, hi = np.percentile(stats, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
+
+
+def summarize(scores: dict[str, np.ndarray], prefer: np.ndarray | None = None) -> dict:
+    """scores: name -> [n_prompts, images_per_prompt]; the first name is the model, the second the compare."""
+    out: dict = {"models": {}}
+    per_prompt = {name: s.mean(axis=1) for name, s in scores.items()}
+    for name, p in per_prompt.items():
+        out["models"][name] = {"mean": float(p.mean()), "ci95": bootstrap_ci(p), "std": float(p.std(ddof=1))
+                               if len(p) > 1 else float("nan"), "n_prompts": int(len(p)),
+                               "n_images": int(scores[name].size)}
+    names = list(scores)
+    if len(names) == 2:
+        a, b = per_prompt[names[0]], per_prompt[names[1]]
+        diff = a - b
+        wins = (a > b) + 0.5 * (a == b)
+        out["paired"] = {"difference": float(diff.mean()), "difference_ci95": bootstrap_ci(diff),
+                         "win_rate": float(wins.mean()), "win_rate_ci95": bootstrap_ci(wins)}
+        if prefer is not None:
+            p = prefer.mean(axis=1)
+            out["paired"].update(preference=float(p.mean()), preference_ci95=bootstrap_ci(p))
+    return out
+
+
+def _fmt(v, ci):
+    return f"{v:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]"
+
+
+def table(summary: dict, labels: dict[str, str], unit: str) -> str:
+    lines = [f"{unit}: mean over prompts [95 % bootstrap interval]"]
+    for name, m in summary["models"].items():
+        lines.append(f"  {labels[name]:<40} {_fmt(m['mean'], m['ci95'])}   ({m['n_prompts']} prompts, "
+                     f"{m['n_images']} images)")
+    if "paired" in summary:
+        p = summary["paired"]
+        lines.append(f"  {'difference (model - compare)':<40} {_fmt(p['difference'], p['difference_ci95'])}")
+        lines.append(f"  {'win rate of model over prompts':<40} {_fmt(p['win_rate'], p['win_rate_ci95'])}")
+        if "preference" in p:
+            lines.append(f"  {'P(model preferred)':<40} {_fmt(p['preference'], p['preference_ci95'])}")
+    return "\n".join(lines)
+
+
+def _read_png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), np.float32) / 255.0
+
+
+def generate_or_load(name: str, spec: str, prompts: Sequence[str], folder: Path, args) -> np.ndarray:
+    """Images [n_prompts, ipp, H, W, 3]: PNGs already in `folder` are read, the rest generated and written."""
+    from tqdm import tqdm
+
+    from ddspo_jax.sample import save_png
+
+    n, ipp = len(prompts), args.images_per_prompt
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = [(k, i) for k in range(ipp) for i in range(n)]
+    path = lambda k, i: folder / f"{i:05d}_{k}.png"  # noqa: E731
+    todo = [(k, i) for k, i in jobs if not path(k, i).is_file()]
+    if todo:
+        import jax
+
+        from ddspo_jax import parallel, sampling
+        from ddspo_jax.backbones import generation_settings
+        from ddspo_jax.sample import generate_images, load_model
+
+        dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+        bb, params = load_model(spec, dtype=dtype, step=args.step if name == "model" else None)
+        settings = generation_settings(bb, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+                                       resolution=args.resolution, seed=args.seed)
+        mesh = parallel.make_mesh()
+        gen, rep = sampling.Generator(bb, settings, mesh), sampling.replicate(params, mesh)
+        for a in tqdm(range(0, len(todo), args.batch), desc=f"generate {name}", unit="batch"):
+            chunk = todo[a:a + args.batch]
+            imgs = generate_images(bb, gen, rep, [prompts[i] for _, i in chunk], [k * n + i for k, i in chunk],
+                                   batch=args.batch)
+            for (k, i), img in zip(chunk, imgs):
+                save_png(img, path(k, i))
+    print(f"evaluate: {name}: {len(jobs) - len(todo)} images found in {folder}, {len(todo)} generated")
+    first = _read_png(path(0, 0))
+    out = np.zeros((n, ipp, *first.shape), np.float32)
+    for k, i in jobs:
+        out[i, k] = _read_png(path(k, i))
+    return out
+
+
+def score_all(scorer, images: np.ndarray, prompts: Sequence[str], batch: int) -> np.ndarray:
+    from tqdm import tqdm
+
+    n, ipp = images.shape[:2]
+    flat = images.reshape(n * ipp, *images.shape[2:])
+    flat_prompts = [prompts[j // ipp] for j in range(n * ipp)]
+    scores = []
+    for a in tqdm(range(0, len(flat), batch), desc=f"score {scorer.name}", unit="batch"):
+        scores.append(np.asarray(scorer.score(flat[a:a + batch], flat_prompts[a:a + batch]), np.float64))
+    return np.concatenate(scores).reshape(n, ipp)
+
+
+def labelled_grid(images: dict[str, np.ndarray], scores: dict[str, np.ndarray], prompts, labels,
+                  limit: int = 16) -> np.ndarray:
+    """One row per prompt (first `limit`): image 0 of each model with its score, the prompt under the row."""
+    from PIL import Image, ImageDraw
+
+    names = list(images)
+    h, w = images[names[0]].shape[2:4]
+    cell, text_h, pad = max(h, 96), 14, 4
+    rows = min(len(prompts), limit)
+    sheet = Image.new("RGB", (len(names) * (cell + pad) + pad, text_h + rows * (cell + 2 * text_h + pad) + pad),
+                      "white")
+    draw = ImageDraw.Draw(sheet)
+    for j, name in enumerate(names):
+        draw.text((pad + j * (cell + pad), 1), labels[name][:cell // 6], fill="black")
+    for i in range(rows):
+        y = text_h + i * (cell + 2 * text_h + pad)
+        for j, name in enumerate(names):
+            img = Image.fromarray(np.round(np.clip(images[name][i, 0], 0, 1) * 255).astype(np.uint8))
+            x = pad + j * (cell + pad)
+            sheet.paste(img.resize((cell, cell), Image.NEAREST), (x, y))
+            draw.text((x, y + cell), f"{scores[name][i, 0]:.3f}", fill="black")
+        draw.text((pad, y + cell + text_h - 2), prompts[i][:(len(names) * (cell + pad)) // 6], fill="gray")
+    return np.asarray(sheet)
+
+
+def run(args) -> dict:
+    from ddspo_jax.data.prompts import load_prompts
+    from ddspo_jax.errors import DataError
+    from ddspo_jax.sample import save_png
+    from ddspo_jax.scorers import make_scorer
+
+    prompts, _ = load_prompts(args.prompts, field=args.field or None, limit=args.limit or None)
+    if not prompts:
+        raise DataError(f"no prompts in {args.prompts}")
+    scorer = make_scorer(args.scorer, args.scorer_path or None,
+                         **({"head": args.scorer_head} if args.scorer_head else {}))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    models = [("model", args.model)] + ([("compare", args.compare)] if args.compare else [])
+    labels = dict(models)
+    run_info = {"models": labels, "prompts": args.prompts, "seed": args.seed, "scorer": args.scorer,
+                "scorer_path": args.scorer_path, "images_per_prompt": args.images_per_prompt,
+                "steps": args.steps, "guidance": args.guidance, "sampler": args.sampler,
+                "resolution": args.resolution, "step": args.step}
+    marker = out / "evaluate.json"
+    if marker.is_file():  # resuming: the images on disk must be the ones these settings make
+        old = json.loads(marker.read_text())
+        changed = {k: (old.get(k), v) for k, v in run_info.items() if k != "scorer" and k != "scorer_path"
+                   and old.get(k) != v}
+        if changed:
+            from ddspo_jax.errors import ConfigError
+            raise ConfigError(f"{out} holds images made with other settings {changed} (old, new); pass another "
+                              "--out or delete it")
+    marker.write_text(json.dumps(run_info, indent=1) + "\n")
+    images = {name: generate_or_load(name, spec, prompts, out / name, args) for name, spec in models}
+    scores = {name: score_all(scorer, images[name], prompts, args.batch) for name in images}
+    prefer = None
+    if args.compare and hasattr(scorer, "prefer"):
+        n, ipp = scores["model"].shape
+        a = images["model"].reshape(n * ipp, *images["model"].shape[2:])
+        b = images["compare"].reshape(n * ipp, *images["compare"].shape[2:])
+        flat_prompts = [prompts[j // ipp] for j in range(n * ipp)]
+        prefer = np.concatenate([scorer.prefer(a[s:s + args.batch], b[s:s + args.batch],
+                                               flat_prompts[s:s + args.batch])
+                                 for s in range(0, n * ipp, args.batch)]).reshape(n, ipp)
+    summary = summarize(scores, prefer)
+    summary.update(scorer=args.scorer, unit=scorer.unit, settings=run_info)
+    with (out / "results.jsonl").open("w") as f:
+        for name in scores:
+            for i, prompt in enumerate(prompts):
+                for k in range(args.images_per_prompt):
+                    row = {"model": name, "spec": labels[name], "prompt_index": i, "prompt": prompt, "image": k,
+                           "file": f"{name}/{i:05d}_{k}.png", "score": float(scores[name][i, k])}
+                    if prefer is not None and name == "model":
+                        row["preference"] = float(prefer[i, k])
+                    f.write(json.dumps(row) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    save_png(labelled_grid(images, scores, prompts, labels), out / "grid.png")
+    print(table(summary, labels, scorer.unit))
+    print(f"evaluate: results.jsonl, summary.json and grid.png in {out}")
+    return summary
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m ddspo_jax.evaluate", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--model", required=True, help="diffusers folder, 'tiny', or a training run folder")
+    ap.add_argument("--compare", default="", help="a second model, generated from the same noise")
+    ap.add_argument("--prompts", required=True, help="prompt file (.txt, .jsonl, .csv/.tsv, .parquet)")
+    ap.add_argument("--field", default="", help="JSONL field / CSV or Parquet column of the prompts")
+    ap.add_argument("--limit", type=int, default=0, help="use only the first N prompts")
+    ap.add_argument("--scorer", default="pickscore",
+                    help="clip_score | pickscore | aesthetic (see ddspo_jax/scorers)")
+    ap.add_argument("--scorer-path", default="", help="local folder of the scorer's model (never downloaded)")
+    ap.add_argument("--scorer-head", default="", help="aesthetic: the head file (default "
+                                                      "<scorer-path>/aesthetic_head.safetensors)")
+    ap.add_argument("--images-per-prompt", type=int, default=1, help="images generated per prompt and model")
+    ap.add_argument("--seed", type=int, default=0, help="initial-noise seed (the same for both models)")
+    ap.add_argument("--out", required=True, help="output folder (re-running resumes from its images)")
+    ap.add_argument("--step", type=int, default=None, help="checkpoint step of a run folder (default latest)")
+    ap.add_argument("--steps", type=int, default=0, help="sampler steps (0: family default)")
+    ap.add_argument("--guidance", type=float, default=None, help="CFG scale (default: family default)")
+    ap.add_argument("--sampler", default="", choices=("", "ddim", "pndm", "euler", "flow_euler"))
+    ap.add_argument("--resolution", type=int, default=0, help="pixels (0: the model's default)")
+    ap.add_argument("--batch", type=int, default=8, help="images per generation / scoring call")
+    ap.add_argument("--dtype", default="", choices=("", "float32", "bfloat16"),
+                    help="compute dtype (default: float32 on CPU, bfloat16 on accelerators)")
+    args = ap.parse_args(argv)
+    if args.images_per_prompt < 1 or args.batch < 1:
+        ap.error("--images-per-prompt and --batch must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from ddspo_jax.errors import UserError, debug, one_line
+
+    try:
+        run(args)
+    except UserError as e:
+        if debug():
+            raise
+        print(one_line(e), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
