@@ -25,7 +25,7 @@ class _F:
     choices: tuple | None = None
 
 
-OBJECTIVES = ("ddspo", "dpo", "dspo", "dspo_cpp", "sft")
+OBJECTIVES = ("ddspo", "dpo", "dspo", "dspo_cpp", "sft", "sft_pair")
 
 # Dotted key -> field. Sections are created from the dots.
 SCHEMA: dict[str, _F] = {
@@ -63,6 +63,11 @@ SCHEMA: dict[str, _F] = {
     "schedule.loss_weighting": _F("none", "Per-pair loss weight: none | linear (t / (T-1)).", choices=("none", "linear")),
     # --- objective and optimisation --------------------------------------------------------
     "train.objective": _F("ddspo", "Preference objective.", choices=OBJECTIVES),
+    "train.cpp": _F("reference", "Where ddspo / dspo_cpp take their contrastive targets: reference (TF-CPP: the "
+                    "frozen reference on c and c-) | pair (DD-CPP: the winning / losing adapters of an sft_pair run, "
+                    "train.cpp_pair, both on c).", choices=("reference", "pair")),
+    "train.cpp_pair": _F("", "train.cpp=pair: the run folder of a train.objective=sft_pair run (its latest "
+                         "checkpoint's two LoRA adapters on this run's base model)."),
     "train.beta": _F(16000.0, "Logit scale beta (paper: 16000 SD/SDXL, 2000 SANA, 8000 for D-DPO)."),
     "train.dspo_weight": _F(None, "DSPO's preference weight w; None uses beta (as the reference code does).", float),
     "train.lr_per_pair": _F(2.5e-9, "Base learning rate per pair: the peak lr is lr_per_pair x train.batch_size "
@@ -216,6 +221,14 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             problems.append(f"config key '{key}' must be {want.__name__}, got {type(value).__name__} {value!r}")
         elif f.choices and value not in f.choices:
             problems.append(f"config key '{key}' is {value!r}; allowed: {', '.join(map(str, f.choices))}")
+    t = cfg.train
+    if not problems and t.objective == "sft_pair" and cfg.model.lora_rank <= 0:
+        problems.append("train.objective='sft_pair' trains two LoRA adapters: set model.lora_rank (the release: 4)")
+    if not problems and t.cpp == "pair" and t.objective not in ("ddspo", "dspo_cpp"):
+        problems.append(f"config key 'train.cpp' is 'pair', but train.objective={t.objective!r} takes no CPP "
+                        "targets: use ddspo or dspo_cpp, or train.cpp='reference'")
+    if not problems and t.cpp == "pair" and not t.cpp_pair:
+        problems.append("train.cpp='pair' needs train.cpp_pair: the run folder of a train.objective=sft_pair run")
     if not problems and cfg.data.rand_cond != "none" and cfg.train.objective not in ("ddspo", "dspo_cpp"):
         problems.append(f"config key 'data.rand_cond' is {cfg.data.rand_cond!r}, but it swaps c and c- for the "
                         f"CPP targets, which train.objective={cfg.train.objective!r} does not use: set it to 'none' "

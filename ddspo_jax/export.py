@@ -56,29 +56,58 @@ def restore_params(path: Path):
     return jax.tree.map(np.asarray, ckptr.restore(path.absolute(), abstract))
 
 
-def restore_trained_params(run: Path, step: int | None = None):
-    """(params of the trained UNet as numpy, step, run config, base folder); LoRA factors merged in."""
-    import jax
-    import numpy as np
-
-    from ddspo_jax import lora
-    from ddspo_jax.backbones import resolve_path as resolve_model_path
-
+def restore_checkpoint_params(run: Path, step: int | None = None):
+    """(the checkpoint's trainable params as numpy: a UNet tree or LoRA factors, step, run config)."""
     cfg = run_config(run)
     steps = checkpoint_steps(run)
     if step is None:
         step = steps[-1]
     elif step not in steps:
         raise ExportError(f"{run} has no checkpoint for step {step}; available: {', '.join(map(str, steps))}")
-    params = restore_params(run / "checkpoints" / str(step) / "params")
+    return restore_params(run / "checkpoints" / str(step) / "params"), step, cfg
+
+
+def lora_alpha(cfg: dict) -> float:
+    return float(cfg["model"].get("lora_alpha") or cfg["model"]["lora_rank"])
+
+
+def restore_trained_params(run: Path, step: int | None = None, adapter: str = "w"):
+    """(params of the trained UNet as numpy, step, run config, base folder); LoRA factors merged in (an
+    sft_pair run: its `adapter`, "w" the winning or "l" the losing one)."""
+    import jax
+    import numpy as np
+
+    from ddspo_jax import lora
+    from ddspo_jax.backbones import resolve_path as resolve_model_path
+
+    params, step, cfg = restore_checkpoint_params(run, step)
     base = resolve_model_path(cfg["model"]["path"], cfg["model"]["family"])
     if cfg["model"].get("lora_rank", 0) > 0:
         from ddspo_jax.convert import load_unet
 
+        if cfg["train"].get("objective") == "sft_pair":
+            params = params[adapter]
         _, base_params = load_unet(base, on_host=True)
-        alpha = cfg["model"].get("lora_alpha") or float(cfg["model"]["lora_rank"])
-        params = jax.tree.map(np.asarray, lora.merge(base_params, params, alpha))
+        params = jax.tree.map(np.asarray, lora.merge(base_params, params, lora_alpha(cfg)))
     return params, step, cfg, base
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def export_pair(run: Path, out: Path, step: int | None = None, log=print) -> Path:
+    """An sft_pair run -> `<out>/winning/` and `<out>/losing/`, each a diffusers LoRA file."""
+    import jax
+
+    from ddspo_jax.convert.unet import export_lora
+
+    params, step, cfg = restore_checkpoint_params(run, step)
+    if jax.process_index() == 0:
+        for name, key in (("winning", "w"), ("losing", "l")):
+            export_lora(params[key], lora_alpha(cfg), out / name / LORA_FILE)
+        log(f"exported the winning and losing adapters of step {step} of {run} to {out}/winning and {out}/losing "
+            f"({LORA_FILE}, PEFT key names: pipeline.load_lora_weights reads them)")
+    return out
 
 
 def export(run: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None, dtype: str = "fp32",
@@ -91,6 +120,8 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, step: int | None =
     run, out = Path(run), Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"output folder {out} is not empty; choose another or pass --overwrite")
+    if run_config(run).get("train", {}).get("objective") == "sft_pair":
+        return export_pair(run, out, step, log)
     params, step, cfg, base = restore_trained_params(run, step)  # every process of a multi-process run reads
     if jax.process_index() != 0:  # ... and process 0 writes
         return out
@@ -100,6 +131,11 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, step: int | None =
     tmp.mkdir(parents=True)
     try:
         export_unet(unet_cfg, params, tmp if unet_only else tmp / "unet", dtype=dtype)
+        if cfg["model"].get("lora_rank", 0) > 0:  # the factors too, as a diffusers LoRA file
+            from ddspo_jax.convert.unet import export_lora
+
+            factors, _, _ = restore_checkpoint_params(run, step)
+            export_lora(factors, lora_alpha(cfg), tmp / LORA_FILE)
         if not unet_only:
             for item in sorted(base.iterdir()):
                 if item.name in ("unet",) or item.name.startswith("."):

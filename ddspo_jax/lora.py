@@ -1,15 +1,26 @@
-"""LoRA on the attention projections, as a parameter transform (no model changes).
+"""LoRA on the attention projections: the forward computes x W + (alpha / r) (x A) B.
 
-The trainable tree holds low-rank factors per targeted kernel; `merge(base, lora)` returns the base tree
-with W + (alpha / r) A B on those kernels. The step calls the denoiser on the merged tree (the frozen base
-doubles as the reference, so LoRA adds no second copy of the model), and export writes the merged weights.
-B starts at zero (as PEFT does), so the fine-tune starts exactly at the reference.
+The trainable tree holds low-rank factors per targeted kernel (B starts at zero, as PEFT does, so a fine-tune
+starts exactly at the reference). `forward(factors, alpha)` is a Flax method interceptor: inside it, every
+targeted `nn.Dense` adds its low-rank term to the frozen base's output, so the base weights are the
+reference's own (gathered per block under fsdp, in the compute dtype), no merged weight is formed and
+gradients exist for the factors only. `merge` forms W + (alpha / r) A B for export.
+
+Groups: with factors stacked on a leading axis [G, ...] (`stack`), the batch is split into G equal parts and
+part g gets adapter g — one UNet call evaluates several adapters (DD-CPP's winning and losing policies, and
+the reference as a zero adapter).
 """
 
 from __future__ import annotations
 
+import contextlib
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from ddspo_jax.errors import ConfigError
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out_0")
 SEP = "__"  # path separator inside the flat LoRA dict (Orbax-safe names)
@@ -32,7 +43,7 @@ def init(params, rank: int, key, targets=TARGETS) -> dict:
     """{"down_blocks_0__...__to_q": {"a": [in, r], "b": [r, out]}}; A ~ N(0, 1/in), B = 0."""
     paths = target_paths(params, targets)
     if not paths:
-        raise ValueError(f"no LoRA targets ({', '.join(targets)}) found in the parameter tree")
+        raise ConfigError(f"no LoRA targets ({', '.join(targets)}) found in the parameter tree")
     out = {}
     for i, p in enumerate(paths):
         kernel = _get(params, p)
@@ -49,7 +60,7 @@ def _get(tree, path):
 
 
 def merge(base, lora: dict, alpha: float) -> dict:
-    """base with W + (alpha / r) A B on every LoRA target (pure; jit- and grad-friendly)."""
+    """base with W + (alpha / r) A B on every LoRA target (pure; jit- and grad-friendly). For export."""
     out = jax.tree.map(lambda x: x, base)  # new containers, shared leaves
     for name, f in lora.items():
         path = tuple(name.split(SEP)) + ("kernel",)
@@ -58,10 +69,68 @@ def merge(base, lora: dict, alpha: float) -> dict:
             node[k] = dict(node[k])
             node = node[k]
         w = node["kernel"]
-        rank = f["a"].shape[1]
+        rank = f["a"].shape[-1]
         node["kernel"] = (w.astype(jnp.float32) + (alpha / rank) * (f["a"] @ f["b"])).astype(w.dtype)
     return out
 
 
+def stack(*adapters) -> dict:
+    """Adapters (None: a zero adapter, the base model itself) -> factors with a leading group axis."""
+    ref = next(a for a in adapters if a is not None)
+    zero = jax.tree.map(jnp.zeros_like, ref)
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *[zero if a is None else a for a in adapters])
+
+
+def _delta(x, f, scale, groups: bool):
+    a, b = f["a"].astype(x.dtype), f["b"].astype(x.dtype)
+    if not groups:
+        return scale * ((x @ a) @ b)
+    g = a.shape[0]
+    if x.shape[0] % g:
+        raise ValueError(f"a batch of {x.shape[0]} cannot be split into {g} LoRA groups")
+    xg = x.reshape((g, x.shape[0] // g) + x.shape[1:])
+    flat = xg.reshape(g, -1, x.shape[-1])
+    out = jnp.einsum("gnr,gro->gno", jnp.einsum("gni,gir->gnr", flat, a), b)
+    return scale * out.reshape(x.shape[:-1] + (b.shape[-1],))
+
+
+@contextlib.contextmanager
+def forward(factors: dict | None, alpha: float):
+    """Inside this context every Flax `nn.Dense` named in `factors` returns x W + b + (alpha / r)(x A) B.
+
+    `factors` as `init` makes them, or stacked (`stack`) for one adapter per equal batch group."""
+    if not factors:
+        yield
+        return
+    groups = next(iter(factors.values()))["a"].ndim == 3
+
+    def intercept(next_fun, args, kwargs, context):
+        mod = context.module
+        if context.method_name != "__call__" or not isinstance(mod, nn.Dense):
+            return next_fun(*args, **kwargs)
+        f = factors.get(SEP.join(mod.path))
+        y = next_fun(*args, **kwargs)
+        if f is None:
+            return y
+        return y + _delta(args[0], f, alpha / f["a"].shape[-1], groups).astype(y.dtype)
+
+    with nn.intercept_methods(intercept):
+        yield
+
+
 def count(lora: dict) -> int:
     return sum(x.size for x in jax.tree.leaves(lora))
+
+
+def peft_state_dict(lora: dict, alpha: float, module_name, prefix: str = "unet.") -> dict[str, np.ndarray]:
+    """The factors as a diffusers LoRA file (`pytorch_lora_weights.safetensors`, PEFT key names):
+    `<prefix><module>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r], with alpha / r folded into B
+    (loaders take alpha = r for PEFT-format files without metadata). `module_name(flax_module_path)` is the
+    family's key table naming (convert.export_lora)."""
+    out = {}
+    for name, f in lora.items():
+        module = module_name(tuple(name.split(SEP)))
+        a, b = np.asarray(f["a"], np.float32), np.asarray(f["b"], np.float32)
+        out[f"{prefix}{module}.lora_A.weight"] = np.ascontiguousarray(a.T)
+        out[f"{prefix}{module}.lora_B.weight"] = np.ascontiguousarray((alpha / a.shape[-1] * b).T)
+    return out

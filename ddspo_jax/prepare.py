@@ -17,7 +17,9 @@ Why it is shaped like this:
   * The settings are stored in prepare_settings.json at the start; a re-run with different settings into the
     same folder is refused instead of silently mixing two datasets.
 
-`python -m ddspo_jax.prepare import-ddspo <folder> --config ...` converts the authors' PyTorch release instead.
+`python -m ddspo_jax.prepare import-ddspo <folder> --config ...` converts the authors' PyTorch release instead;
+`python -m ddspo_jax.prepare import-preferences <source> --config ...` turns a human preference dataset
+(Pick-a-Pic v2's Parquet layout, or a folder with preferences.jsonl) into pair records for DD-CPP.
 """
 
 from __future__ import annotations
@@ -302,16 +304,117 @@ def run_import(cfg, src: str) -> dict[str, Any]:
     return m
 
 
+def run_import_preferences(cfg, src: str, *, progress: bool = True) -> dict[str, Any]:
+    """`import-preferences <source>`: a human preference dataset -> pair records for DD-CPP.
+
+    x0_w = the preferred image, x0_l = the other, both VAE-encoded (posterior mean, scaled) at the model's
+    resolution; c- = c = the caption. Shards cover fixed ranges of source rows (data.shard_size rows each)
+    and a shard with its `.drops.json` sidecar is finished, so an interrupted import resumes. Ties and
+    images that do not decode are dropped, each named in the summary and in dropped.jsonl."""
+    from tqdm import tqdm
+
+    from ddspo_jax.data import preferences, records
+    from ddspo_jax.errors import DataError
+
+    if not cfg.data.records:
+        _fail("data.records is empty: set it to the output folder of the records")
+    bb = _load_backbone(cfg).load_extras(text=True, vae=True)
+    resolution = resolve_settings(cfg, bb)["resolution"]
+    out = Path(cfg.data.records)
+    settings = {"source": str(src), "kind": "preferences", "model": str(bb.path), "resolution": resolution,
+                "shard_size": int(cfg.data.shard_size), "record_dtype": cfg.data.record_dtype}
+    _check_settings(out, settings, write=True)
+    records.remove_partial_shards(out)
+    rows = preferences.iter_preferences(src)
+    size, batch = int(cfg.data.shard_size), int(cfg.prepare.batch_size)
+    shards, drops, cond_shapes, shard, done, written = [], [], {}, 0, False, 0
+    bar = tqdm(desc="import preferences", unit="row", disable=not progress)
+    while not done:
+        chunk = []
+        for entry in rows:
+            chunk.append(entry)
+            if len(chunk) == size:
+                break
+        else:
+            done = True
+        if not chunk:
+            break
+        path = out / f"prefs-{shard:05d}.array_record"
+        side = path.with_name(path.name + ".drops.json")
+        shard += 1
+        if side.is_file() and path.is_file():  # finished by an earlier run
+            info = _read_json(side)
+            shards.append(info["entry"])
+            drops += info["dropped"]
+            written += int(info["entry"]["num_records"])
+            cond_shapes.update({k: tuple(v) for k, v in info.get("conditioning", {}).items()})
+            bar.update(len(chunk))
+            continue
+        dropped = [{"id": e.id, "reason": e.reason} for e in chunk if isinstance(e, preferences.Dropped)]
+        kept = [e for e in chunk if isinstance(e, preferences.Preference)]
+        with records.ShardWriter(path, dtype=cfg.data.record_dtype) as w:
+            for b0 in range(0, len(kept), batch):
+                good, imgs = [], []
+                for e in kept[b0:b0 + batch]:
+                    try:
+                        pair = [preferences.load_image(e.preferred, resolution),
+                                preferences.load_image(e.dispreferred, resolution)]
+                    except DataError as err:
+                        dropped.append({"id": e.id, "reason": f"undecodable image: {err}"})
+                        continue
+                    good.append(e)
+                    imgs += pair
+                if good:
+                    lat = bb.encode_images(np.stack(imgs))
+                    emb = bb.encode([e.prompt for e in good])
+                    cond_shapes.update({k: v.shape[1:] for k, v in emb.items()})
+                    for j, e in enumerate(good):
+                        cond = {k: v[j] for k, v in emb.items()}
+                        w.write(records.PairRecord(index=written + j, id=e.id, prompt=e.prompt,
+                                                   neg_prompt=e.prompt, cond=cond, neg_cond=cond,
+                                                   x0_w=lat[2 * j], x0_l=lat[2 * j + 1], strategy="preference"))
+                    written += len(good)
+                bar.update(len(kept[b0:b0 + batch]))
+            bar.update(len(chunk) - len(kept))
+        side.write_text(json.dumps({"entry": w.entry, "dropped": dropped,
+                                    "conditioning": {k: list(v) for k, v in cond_shapes.items()}}) + "\n")
+        shards.append(w.entry)
+        drops += dropped
+    bar.close()
+    if not shards or sum(int(s_["num_records"]) for s_ in shards) == 0:
+        raise DataError(f"{src}: no usable preference pairs ({len(drops)} rows dropped)")
+    with (out / "dropped.jsonl").open("w") as f:
+        for d in drops:
+            f.write(json.dumps(d) + "\n")
+    reasons: dict[str, int] = {}
+    for d in drops:
+        key = "tie" if d["reason"] == "tie" else "undecodable image"
+        reasons[key] = reasons.get(key, 0) + 1
+    m = records.write_manifest(out, shards=shards, kind="pairs", model=str(bb.path), dtype=cfg.data.record_dtype,
+                               settings=settings, counts={"dropped": reasons}, conditioning=cond_shapes)
+    print(f"prepare import-preferences: {m['num_records']} pairs from {src} in {out}; dropped "
+          + (", ".join(f"{n} {k}" for k, n in sorted(reasons.items())) or "nothing")
+          + "".join(f"\n  dropped {d['id']}: {d['reason']}" for d in drops if d["reason"] != "tie"))
+    return m
+
+
 def main(argv):
     cfg = load_config_flag(_CONFIG.value) if _CONFIG.value is not None else _fail("--config is required")
     args = argv[1:]
-    if args and args[0] == "import-ddspo":
+    if args and args[0] in ("import-ddspo", "import-preferences"):
         if len(args) != 2:
-            _fail("usage: python -m ddspo_jax.prepare import-ddspo <folder> --config configs/<model>.py")
-        run_import(cfg, args[1])
+            _fail(f"usage: python -m ddspo_jax.prepare {args[0]} <source> --config configs/<model>.py")
+        from ddspo_jax.errors import UserError, debug, one_line
+
+        try:
+            (run_import if args[0] == "import-ddspo" else run_import_preferences)(cfg, args[1])
+        except UserError as e:
+            if debug():
+                raise
+            raise SystemExit(one_line(e)) from None
     elif args:
         _fail(f"unknown arguments {args}; usage: python -m ddspo_jax.prepare --config configs/<model>.py "
-              "[import-ddspo <folder>]")
+              "[import-ddspo <folder> | import-preferences <parquet file/folder or folder with preferences.jsonl>]")
     else:
         from ddspo_jax.errors import UserError, debug, one_line
 

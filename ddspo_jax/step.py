@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from ddspo_jax.errors import ConfigError
 from ddspo_jax import parallel, schedules
-from ddspo_jax.losses import NEEDS_REF_NEG, preference_loss
+from ddspo_jax.losses import NEEDS_REF, NEEDS_REF_NEG, preference_loss
 from ddspo_jax.optim import make_optimizer  # noqa: F401  (re-exported: step_lib.make_optimizer)
 
 STEP_KEYS = ("x0_w", "x0_l", "cond_w", "cond_l")  # what the step reads from a loader batch
@@ -45,6 +45,8 @@ def step_keys(cfg) -> tuple[str, ...]:
 # denoise(params, x_t [B,H,W,C], t_model [B], cond pytree with leading B, gather) -> prediction [B,H,W,C].
 # `params` are the device's fsdp shards; `gather` (parallel.Gather) makes whole compute-dtype weights of them,
 # per block for the UNet (models/unet.apply_sharded) or at once for small models (`gather(params)`).
+# With train.cpp="pair" the reference denoiser is also called with `adapters=(None, None, "w", "l")`: the
+# batch in that many equal groups, group g through the frozen pair's adapter g (None: the reference itself).
 Denoise = Callable[[Any, jax.Array, jax.Array, Any, parallel.Gather], jax.Array]
 
 
@@ -61,7 +63,9 @@ def pair_noise(schedule, cfg, key, ids, x0_w):
         kt, kw, kl, ku = jax.random.split(k, 4)
         t = schedules.sample_timesteps(schedule, kt, (), cfg.schedule)
         nw = jax.random.normal(kw, x0_w.shape[1:], jnp.float32)
-        nl = nw if cfg.train.share_noise else jax.random.normal(kl, x0_w.shape[1:], jnp.float32)
+        # sft_pair fits two adapters to two image sets: one t per pair, independent noise (the release)
+        share = cfg.train.share_noise and cfg.train.objective != "sft_pair"
+        nl = nw if share else jax.random.normal(kl, x0_w.shape[1:], jnp.float32)
         return t, nw, nl, jax.random.uniform(ku)
 
     return jax.vmap(one)(keys)
@@ -86,15 +90,22 @@ def pair_forward(denoise: Denoise, schedule, cfg, params, ref_params, batch, ids
                                       cfg.data.rand_cond_lambda)
     n = x0_w.shape[0]
 
-    # Reference: [x_t^w|c, x_t^l|c (, x_t^l|c-)] as one call.
-    if objective in NEEDS_REF_NEG:
-        ref = denoise(ref_params, jnp.concatenate([x_w, x_l, x_l]), jnp.concatenate([tm, tm, tm]),
-                      _cat([c, c, c_neg]), g_ref)
-    else:
-        ref = denoise(ref_params, jnp.concatenate([x_w, x_l]), jnp.concatenate([tm, tm]), _cat([c, c]), g_ref)
-    ref = jax.lax.stop_gradient(ref.astype(jnp.float32))
-    ref_w, ref_l = ref[:n], ref[n:2 * n]
-    ref_neg_l = ref[2 * n:] if objective in NEEDS_REF_NEG else None
+    # Reference: [x_t^w|c, x_t^l|c (, x_t^l|c-) | (, phi^w(x_t^w|c), phi^l(x_t^l|c))] as one call.
+    ref_w = ref_l = ref_neg_l = cpp_w = cpp_l = None
+    if objective in NEEDS_REF:
+        xs, ts, cs, adapters = [x_w, x_l], [tm, tm], [c, c], None
+        if objective in NEEDS_REF_NEG and cfg.train.cpp == "pair":
+            xs, ts, cs, adapters = xs + [x_w, x_l], ts + [tm, tm], cs + [c, c], (None, None, "w", "l")
+        elif objective in NEEDS_REF_NEG:
+            xs, ts, cs = xs + [x_l], ts + [tm], cs + [c_neg]
+        args = (ref_params, jnp.concatenate(xs), jnp.concatenate(ts), _cat(cs), g_ref)
+        ref = denoise(*args) if adapters is None else denoise(*args, adapters=adapters)
+        ref = jax.lax.stop_gradient(ref.astype(jnp.float32))
+        ref_w, ref_l = ref[:n], ref[n:2 * n]
+        if adapters is not None:
+            cpp_w, cpp_l = ref[2 * n:3 * n], ref[3 * n:]
+        elif objective in NEEDS_REF_NEG:
+            ref_neg_l = ref[2 * n:]
 
     target_w = schedule.training_target(x0_w, nw, t)
     target_l = schedule.training_target(x0_l, nl, t)
@@ -108,8 +119,8 @@ def pair_forward(denoise: Denoise, schedule, cfg, params, ref_params, batch, ids
             out = model_apply(p, ref_params, x_model, t_model, c_model, g_params, g_ref)
         out = out.astype(jnp.float32)
         return preference_loss(objective, model_w=out[:n], model_l=out[n:], ref_w=ref_w, ref_l=ref_l,
-                               target_w=target_w, target_l=target_l, ref_neg_l=ref_neg_l,
-                               beta=cfg.train.beta, dspo_weight=cfg.train.dspo_weight, weight=weight)
+                               target_w=target_w, target_l=target_l, ref_neg_l=ref_neg_l, cpp_w=cpp_w,
+                               cpp_l=cpp_l, beta=cfg.train.beta, dspo_weight=cfg.train.dspo_weight, weight=weight)
 
     return loss_fn
 

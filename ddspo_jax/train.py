@@ -118,6 +118,30 @@ def compilation_cache(out) -> str | None:
     return folder
 
 
+def load_cpp_pair(cfg, base_unet):
+    """(the {"w", "l"} LoRA factors of the sft_pair run `train.cpp_pair` at its latest step, their alpha);
+    errors name the folder and what is wrong with it."""
+    import jax
+
+    from ddspo_jax import lora
+    from ddspo_jax.export import checkpoint_steps, restore_params, run_config
+
+    run = Path(cfg.train.cpp_pair)
+    pair_cfg = run_config(run)
+    if pair_cfg.get("train", {}).get("objective") != "sft_pair":
+        raise ConfigError(f"train.cpp_pair={run}: that run's train.objective is "
+                          f"{pair_cfg.get('train', {}).get('objective')!r}, not 'sft_pair'")
+    if pair_cfg["model"]["path"] != cfg.model.path:
+        raise ConfigError(f"train.cpp_pair={run} was trained on model.path={pair_cfg['model']['path']!r}, this run "
+                          f"uses {cfg.model.path!r}: the pair's adapters only make sense on their own base")
+    params = restore_params(run / "checkpoints" / str(checkpoint_steps(run)[-1]) / "params")
+    want = jax.tree.map(lambda x: x.shape, lora.init(base_unet, pair_cfg["model"]["lora_rank"], jax.random.key(0)))
+    got = {k: jax.tree.map(lambda x: x.shape, params.get(k, {})) for k in ("w", "l")}
+    if got["w"] != want or got["l"] != want:
+        raise ConfigError(f"train.cpp_pair={run}: its adapters do not fit this base UNet's attention projections")
+    return params, float(pair_cfg["model"].get("lora_alpha") or pair_cfg["model"]["lora_rank"])
+
+
 def train(cfg, *, log=print) -> dict:
     """Runs (or resumes) the configured fine-tune; returns a summary dict."""
     import jax
@@ -176,24 +200,49 @@ def train(cfg, *, log=print) -> dict:
     host_unet, backbone.unet_params = backbone.unet_params, None  # numpy; only shards go to devices
     ref_dtype = jnp.dtype(cfg.model.ref_dtype or cfg.model.dtype)
     ref_unet = parallel.shard_tree(jax.tree.map(lambda x: np.asarray(x).astype(ref_dtype), host_unet), mesh)
-    ref_params, unet_of_ref = ref_unet, (lambda r: r)
+    ref_params = {"unet": ref_unet}  # + "text" (token-ids records), + "pair" (DD-CPP): all frozen, all sharded
     embed = lambda r, c, g: c  # noqa: E731
     if "input_ids" in manifest.get("conditioning", {}):  # token-ids-only records: run the frozen encoders here
         encoder = backbone.load_extras(text=True, vae=False).encoder
         text = jax.tree.map(lambda x: np.asarray(x).astype(ref_dtype), tuple(encoder.params))
-        ref_params = {"unet": ref_unet, "text": parallel.shard_tree(text, mesh)}
-        unet_of_ref = lambda r: r["unet"]  # noqa: E731
+        ref_params["text"] = parallel.shard_tree(text, mesh)
         embed = lambda r, c, g: encoder.embed_ids(g(r["text"], ("text",)), c)  # noqa: E731
         log("records hold token ids: the step runs the frozen text encoder(s)")
-    if cfg.model.lora_rank > 0:  # train low-rank factors; the frozen base is also the reference
-        alpha = cfg.model.lora_alpha or float(cfg.model.lora_rank)
-        trainable = parallel.shard_tree(lora.init(host_unet, cfg.model.lora_rank, jax.random.key(cfg.seed + 1)), mesh)
-        log(f"LoRA rank {cfg.model.lora_rank}: {lora.count(trainable):,} trainable parameters")
+    pair_alpha = None
+    if cfg.train.cpp == "pair":  # DD-CPP: the frozen winning / losing adapters of an sft_pair run
+        pair, pair_alpha = load_cpp_pair(cfg, host_unet)
+        ref_params["pair"] = parallel.shard_tree(jax.tree.map(lambda x: np.asarray(x).astype(ref_dtype), pair), mesh)
+        log(f"DD-CPP targets from the trained pair in {cfg.train.cpp_pair} ({lora.count(pair):,} parameters)")
 
-        def model_apply(p, r, x, t, c, gp, gr):  # the merged UNet, gathered whole (LoRA factors are small)
-            whole = gr(unet_of_ref(r), ("unet",) if isinstance(r, dict) and "text" in r else ())
-            return backbone.denoise(lora.merge(whole, gp(p), alpha), x, t, embed(r, c, gr))
-        to_unet_params = jax.jit(lambda p, r: lora.merge(unet_of_ref(r), p, alpha))
+    def base_denoise(r, x, t, c, gr, factors=None, alpha=1.0):
+        """The frozen base (blocks gathered per call), with LoRA terms x A B added where factors say."""
+        with lora.forward(factors, alpha):
+            return backbone.denoise(r["unet"], x, t, embed(r, c, gr), gather=gr.at("unet"))
+
+    def denoise_ref(r, x, t, c, gr, adapters=None):
+        if adapters is None:
+            return base_denoise(r, x, t, c, gr)
+        pair = gr(r["pair"], ("pair",))
+        return base_denoise(r, x, t, c, gr, lora.stack(*[None if a is None else pair[a] for a in adapters]),
+                            pair_alpha)
+
+    if cfg.model.lora_rank > 0:  # train low-rank factors on the frozen base, which is also the reference
+        alpha = cfg.model.lora_alpha or float(cfg.model.lora_rank)
+        rank, key0 = cfg.model.lora_rank, jax.random.key(cfg.seed + 1)
+        if cfg.train.objective == "sft_pair":  # the winning and losing adapters, trained side by side
+            factors = {"w": lora.init(host_unet, rank, jax.random.fold_in(key0, 0)),
+                       "l": lora.init(host_unet, rank, jax.random.fold_in(key0, 1))}
+            adapters_of = lambda f: lora.stack(f["w"], f["l"])  # noqa: E731  (x_t^w rows, then x_t^l rows)
+            merged_of = lambda f: f["w"]  # noqa: E731  (the sample grid shows the winning adapter)
+        else:
+            factors = lora.init(host_unet, rank, key0)
+            adapters_of = merged_of = lambda f: f  # noqa: E731
+        trainable = parallel.shard_tree(factors, mesh)
+        log(f"LoRA rank {rank}: {lora.count(factors):,} trainable parameters")
+
+        def model_apply(p, r, x, t, c, gp, gr):  # x W + (x A) B: gradients and optimizer state for the factors only
+            return base_denoise(r, x, t, c, gr, adapters_of(gp(p)), alpha)
+        to_unet_params = jax.jit(lambda p, r: lora.merge(r["unet"], merged_of(p), alpha))
     else:  # full fine-tune: float32 master weights, fsdp-sharded like the reference
         trainable = parallel.shard_tree(host_unet, mesh)
 
@@ -202,9 +251,6 @@ def train(cfg, *, log=print) -> dict:
         to_unet_params = lambda p, r: p  # noqa: E731
     del host_unet
 
-    def denoise_ref(r, x, t, c, gr):
-        is_pair = isinstance(r, dict) and "text" in r
-        return backbone.denoise(unet_of_ref(r), x, t, embed(r, c, gr), gather=gr.at("unet") if is_pair else gr)
     trainable_shape = jax.eval_shape(lambda: trainable)
     state = step_lib.create_state(trainable, optimizer, mesh)
     del trainable
@@ -304,13 +350,14 @@ def train(cfg, *, log=print) -> dict:
                     scalars["mfu"] = flops / max(step_time, 1e-9) / mfu_peak
                 writer.write_scalars(step_no, scalars)
                 t_last, pairs_last = now, pairs
-                bar.set_postfix(loss=f"{scalars['loss']:.4f}", acc=f"{scalars['implicit_acc']:.2f}")
+                bar.set_postfix(loss=f"{scalars['loss']:.4f}", **({"acc": f"{scalars['implicit_acc']:.2f}"}
+                                                                  if "implicit_acc" in scalars else {}))
             bar.update(1)
             if step_no % cfg.train.checkpoint_every == 0 or step_no == cfg.train.steps:
                 save(step_no)
             if grid is not None and (step_no == cfg.train.steps or
                                      (cfg.train.sample_every > 0 and step_no % cfg.train.sample_every == 0)):
-                grid(step_no, unet_of_ref(ref_params), to_unet_params(state["params"], ref_params))
+                grid(step_no, ref_params["unet"], to_unet_params(state["params"], ref_params))
             if stop["signal"] is not None:
                 save(step_no)
                 mngr.wait_until_finished()

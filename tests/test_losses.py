@@ -39,6 +39,8 @@ def np_reference(objective, p, beta, gamma=None, weight=None):
         return np.mean(w * per), ins
     if objective == "sft":
         return np.mean(w * np_d(tw, mw)), inside(tw, tl)
+    if objective == "sft_pair":
+        return np.mean(w * (np_d(tw, mw) + np_d(tl, ml))), None
 
 
 def make_preds(seed=0, B=6, shape=(4, 4, 3), scale=0.1):
@@ -65,9 +67,33 @@ def test_matches_float64_numpy(objective, beta):
                                   beta=beta, weight=None if wgt is None else jnp.asarray(wgt))
         want, ins = np_reference(objective, p, beta, weight=wgt)
         np.testing.assert_allclose(float(loss), want, rtol=2e-5, atol=1e-7)
+        assert float(m["loss"]) == float(loss)
+        if ins is None:  # sft_pair: two adapters' own errors, no preference
+            continue
         np.testing.assert_allclose(float(m["inside"]), ins.mean(), rtol=1e-4, atol=1e-7)
         np.testing.assert_allclose(float(m["implicit_acc"]), np.mean(ins < 0), atol=1e-7)
         assert float(m["loss"]) == float(loss)
+
+
+@pytest.mark.parametrize("objective", ["ddspo", "dspo_cpp"])
+def test_dd_cpp_targets_from_the_trained_pair(objective):
+    """With the pair's predictions (cpp_w, cpp_l) the CPP targets are theirs, with the reference terms
+    d(cpp, ref) as usual (the release's dpo_loss with its --lora_path targets); float64 by hand."""
+    p = make_preds(seed=8)
+    rng = np.random.default_rng(9)
+    cw = (p["target_w"] + 0.1 * rng.standard_normal(p["target_w"].shape)).astype(np.float32)
+    cl = (p["target_l"] + 0.1 * rng.standard_normal(p["target_l"].shape)).astype(np.float32)
+    loss, m = preference_loss(objective, **{k: jnp.asarray(v) for k, v in p.items()}, cpp_w=jnp.asarray(cw),
+                              cpp_l=jnp.asarray(cl), beta=50.0)
+    ins = (np_d(cw, p["model_w"]) - np_d(cw, p["ref_w"])) - (np_d(cl, p["model_l"]) - np_d(cl, p["ref_l"]))
+    if objective == "ddspo":
+        want = np.mean(-np_log_sigmoid(-0.5 * 50.0 * ins))
+    else:
+        s_ = (50.0 * (1.0 - 1.0 / (1.0 + np.exp(0.5 * 50.0 * ins))))[:, None, None, None]
+        mw, tw, rw = (np.float64(p[k]) for k in ("model_w", "target_w", "ref_w"))
+        want = np.mean((((mw - tw) - s_ * (mw - rw)) ** 2).reshape(len(mw), -1).mean(1))
+    np.testing.assert_allclose(float(loss), want, rtol=2e-5)
+    np.testing.assert_allclose(float(m["inside"]), ins.mean(), rtol=1e-4)
 
 
 def test_dspo_weight_separate_from_beta():

@@ -126,6 +126,14 @@ class Backbone:
     def _decode(self):
         return jax.jit(lambda p, z: jnp.clip(self.vae.apply({"params": p}, z, method="decode") / 2 + 0.5, 0, 1))
 
+    @functools.cached_property
+    def _encode_images(self):
+        return jax.jit(lambda p, x: self.vae.apply({"params": p}, x * 2.0 - 1.0, method="encode"))
+
+    def encode_images(self, images) -> np.ndarray:
+        """Images [B,H,W,3] in [0, 1] -> scaled latents (the posterior mean: deterministic), float32."""
+        return np.asarray(self._encode_images(self.vae_params, jnp.asarray(images, jnp.float32)))
+
     def decode(self, latents) -> np.ndarray:
         """Scaled latents [B,h,w,C] -> images [B,H,W,3] in [0, 1] (float32 VAE, see models/vae.py)."""
         return np.asarray(self._decode(self.vae_params, latents))

@@ -28,3 +28,33 @@ def release_sd(c, *, name: str, steps: int):
     c.train.optimizer = "adamw"         # AdamW(0.9, 0.999, eps 1e-8, wd 1e-2), clip_grad_norm 1.0 (args.py)
     c.train.checkpoint_every = 50       # --checkpointing_steps 50
     return c
+
+
+def release_ddcpp(c, *, name: str, stage: str | None):
+    """DD-CPP as the release runs it (scripts/train_ddspo_lora_target.sh, ddspo/train_lora_target.py), on top of
+    a family's release config: stage "pair" trains the winning / losing adapters, stage "ddspo" (default) runs
+    DDSPO with them as the CPP targets."""
+    from ddspo_jax.errors import ConfigError
+
+    stage = stage or "ddspo"
+    if stage not in ("pair", "ddspo"):
+        raise ConfigError(f"{name}_ddcpp.py takes the stage 'pair' or 'ddspo' (':pair' after the file), got {stage!r}")
+    pair_dir = f"runs/{name}_ddcpp_pair"
+    c.data.records = f"runs/{name}_ddcpp/records"  # python -m ddspo_jax.prepare import-preferences <Pick-a-Pic>
+    if stage == "pair":
+        c.output_dir = pair_dir
+        c.train.objective = "sft_pair"   # pos/neg LoRA UNets, plain MSE, one t per pair, independent noise
+        c.model.lora_rank = 4            # --lora_rank 4
+        c.model.lora_alpha = 4.0         # --lora_alpha 4.0 (targets to_q/to_k/to_v/to_out.0: lora.TARGETS)
+        c.train.lr = 1e-4                # --lora_lr 1e-4 (not scaled by the batch)
+        c.train.steps = 300              # --max_train_steps 300
+        c.train.warmup_steps = 0         # constant_with_warmup, --lr_warmup_steps 0 (its default)
+        c.train.optimizer = "adamw"      # torch.optim.AdamW(lr) defaults: wd 1e-2; clip_grad_norm 1.0
+        c.train.export_at_end = True     # two diffusers LoRA files: winning/ and losing/
+        c.train.sample_every = -1
+    else:
+        c.output_dir = f"runs/{name}_ddcpp"
+        c.train.cpp, c.train.cpp_pair = "pair", pair_dir  # --cpp --lora_path
+        c.train.beta = 8000.0            # --beta_dpo 8000
+        c.train.steps = 100              # --max_train_steps 100 (lr 2.5e-9 x 2048, warmup 100 as TF-CPP)
+    return c

@@ -83,3 +83,17 @@ def export_unet(model: UNet2DConditionModel | UNetConfig | Mapping, params, out_
         config = dict(model)
     config.setdefault("_class_name", "UNet2DConditionModel")
     return export_config_and_weights(config, UNET_TABLE, params, out_dir, dtype)
+
+
+def export_lora(lora_factors, alpha: float, path: str | os.PathLike) -> Path:
+    """LoRA factors of the UNet -> a diffusers LoRA file (PEFT key names, `unet.` prefix) that
+    `pipeline.load_lora_weights` reads; module names come from the UNet's key table."""
+    from ddspo_jax import lora
+
+    from ddspo_jax.convert.common import write_safetensors
+
+    name = lambda path: UNET_TABLE.torch_key(path + ("kernel",), 2)[:-len(".weight")]  # noqa: E731
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_safetensors(lora.peft_state_dict(lora_factors, alpha, name), path, metadata={"format": "pt"})
+    return path
