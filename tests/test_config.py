@@ -135,3 +135,36 @@ def test_scheduler_folder_override_is_reported(tmp_path):
     cfg.beta_schedule, cfg.beta_start, cfg.beta_end, cfg.prediction_type = "linear", 0.0001, 0.02, "v_prediction"
     schedule_from_folder(tmp_path, cfg, said.append)
     assert said == []  # nothing replaced, nothing said
+
+
+def test_ddcpp_configs_carry_the_release_values():
+    """scripts/train_ddspo_lora_target.sh + ddspo/train_lora_target.py of KU-MIIL/DDSPO (README's DD-CPP table)."""
+    from pathlib import Path
+    from runpy import run_path
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    for name in ("sd15", "sdxl"):
+        get = run_path(str(root / f"{name}_ddcpp.py"))["get_config"]
+        pair, ddspo = validate(get("pair")), validate(get())
+        assert (pair.train.objective, pair.model.lora_rank, pair.model.lora_alpha, learning_rate(pair),
+                pair.train.steps, pair.train.batch_size, pair.train.warmup_steps) == (
+                    "sft_pair", 4, 4.0, 1e-4, 300, 2048, 0), name
+        assert (ddspo.train.cpp, ddspo.train.cpp_pair, ddspo.train.beta, ddspo.train.steps) == (
+            "pair", pair.output_dir, 8000.0, 100), name
+        assert learning_rate(ddspo) == pytest.approx(5.12e-6) and ddspo.data.records == pair.data.records
+        with pytest.raises(ConfigError, match="stage"):
+            get("stage2")
+
+
+def test_cpp_and_sft_pair_validation_names_the_keys():
+    cfg = base_config()
+    cfg.train.objective = "sft_pair"
+    with pytest.raises(ConfigError, match="model.lora_rank"):
+        validate(cfg)
+    cfg = base_config()
+    cfg.train.cpp, cfg.train.objective = "pair", "dpo"
+    with pytest.raises(ConfigError, match="train.cpp"):
+        validate(cfg)
+    cfg.train.objective = "ddspo"
+    with pytest.raises(ConfigError, match="train.cpp_pair"):
+        validate(cfg)

@@ -252,13 +252,14 @@ def test_cpp_pair_step_loss_by_hand_and_zero_adapters_are_tf_cpp_with_c_minus_c(
         g = parallel.Gather(parallel.fsdp_axes(ref, 1), jnp.float32)
         fn = step.pair_forward(denoise_ref, bb.schedule, c, model, ref, b, ids, key,
                                model_apply=lambda m, r, x, t, cc, gp, gr: bb.denoise(m, x, t, cc), gathers=(g, g))
-        return float(fn(model)[0])
+        return float(jax.jit(lambda m: fn(m)[0])(model))
 
     # by hand: the same t and noise, each network called on its own
     t, nw, nl, _ = step.pair_noise(bb.schedule, cfg, key, ids, batch["x0_w"])
     xw, xl = bb.schedule.add_noise(batch["x0_w"], nw, t), bb.schedule.add_noise(batch["x0_l"], nl, t)
     tm, c = bb.schedule.model_timestep(t), batch["cond_w"]
-    out = lambda params, x: np.asarray(bb.denoise(params, x, tm, c))  # noqa: E731
+    fwd = jax.jit(lambda params, x: bb.denoise(params, x, tm, c))
+    out = lambda params, x: np.asarray(fwd(params, x))  # noqa: E731
     want = _np_ddspo(out(model, xw), out(model, xl), out(p, xw), out(p, xl),
                      out(lora.merge(p, fw, 2.0), xw), out(lora.merge(p, fl, 2.0), xl), 500.0)
     np.testing.assert_allclose(loss("pair", {"w": fw, "l": fl}, batch), want, rtol=1e-4)
