@@ -267,3 +267,28 @@ def test_cpp_pair_step_loss_by_hand_and_zero_adapters_are_tf_cpp_with_c_minus_c(
     zero = jax.tree.map(jnp.zeros_like, fw)
     same = dict(batch, cond_l=batch["cond_w"])
     np.testing.assert_allclose(loss("pair", {"w": zero, "l": zero}, batch), loss("reference", None, same), rtol=1e-5)
+
+
+def test_import_from_a_folder_layout(tmp_path):
+    from ddspo_jax.data.loader import PairSource
+    from ddspo_jax.prepare import run_import_preferences
+
+    src = tmp_path / "prefs"
+    src.mkdir()
+    lines = []
+    for i in range(3):
+        for side in ("a", "b"):
+            (src / f"{i}{side}.jpg").write_bytes(_jpeg(10 * i + (side == "b"), 40, 56))
+        lines.append({"prompt": f"prompt {i}", "preferred": f"{i}a.jpg", "dispreferred": f"{i}b.jpg", "id": f"p{i}"})
+    lines.append({"prompt": "gone", "preferred": "missing.jpg", "dispreferred": "0b.jpg", "id": "p3"})
+    (src / "preferences.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    cfg = _cfg(tmp_path)
+    m = run_import_preferences(cfg, str(src), progress=False)
+    assert m["num_records"] == 3 and m["counts"]["dropped"] == {"undecodable image": 1}
+    recs = PairSource(cfg.data.records)
+    assert [recs[i]["prompt"] for i in range(3)] == ["prompt 0", "prompt 1", "prompt 2"]
+    assert not np.allclose(np.asarray(recs[0]["x0_w"], np.float32), np.asarray(recs[0]["x0_l"], np.float32))
+    (src / "preferences.jsonl").write_text('{"prompt": "x", "preferred": "0a.jpg"}\n')
+    from ddspo_jax.errors import DataError
+    with pytest.raises(DataError, match="dispreferred"):
+        run_import_preferences(_cfg(tmp_path / "other"), str(src), progress=False)
