@@ -1,0 +1,37 @@
+"""python -m ddspo_jax.world prompts [--out DIR] [--train N] [--seed S]: writes the world's prompt files.
+
+world_eval.jsonl  every GenEval-template prompt of the scene world (the held-out evaluation set)
+world_train.jsonl N compound captions for `prepare` (none of them an evaluation prompt)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+PROMPT_DIR = Path(__file__).resolve().parent.parent / "configs" / "prompts"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ddspo_jax.world", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prompts", help="write world_eval.jsonl and world_train.jsonl")
+    p.add_argument("--out", default=str(PROMPT_DIR), help="folder (default: the shipped prompt folder)")
+    p.add_argument("--train", type=int, default=1000, help="number of training captions")
+    p.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    from ddspo_jax.world import prompts
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ev, tr = prompts.geneval_set(), prompts.training_set(args.train, args.seed)
+    prompts.write_jsonl(ev, out / "world_eval.jsonl")
+    prompts.write_jsonl(tr, out / "world_train.jsonl")
+    print(f"world prompts: {len(ev)} evaluation prompts in {out / 'world_eval.jsonl'}, {len(tr)} training captions "
+          f"in {out / 'world_train.jsonl'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""GenEval-style prompts for the scene world, with GenEval's metadata lines.
+
+Each line: {"tag", "prompt", "include": [{"class", "count", "color"?, "position"?: [relation, index]}],
+"exclude"?: [...]}, tags single_object, two_object, counting, colors, position, color_attr, as GenEval's
+`evaluation_metadata.jsonl`. `geneval_set()` is every prompt the templates make (the held-out evaluation
+set); `training_set()` captions random scenes with compound phrases the templates never make ("two red
+circles and a blue square"), so the evaluation prompts are held out by construction.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+
+import numpy as np
+
+from ddspo_jax.world.scenes import COLORS, SHAPES
+
+NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
+RELATIONS = ("left of", "right of", "above", "below")
+TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+
+
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _plural(shape: str) -> str:
+    return shape + "s"
+
+
+def geneval_set() -> list[dict]:
+    """Every prompt of the six templates, in a fixed order."""
+    out = []
+    for s in SHAPES:
+        out.append({"tag": "single_object", "prompt": f"a photo of {_a(s)}", "include": [{"class": s, "count": 1}]})
+    for s1, s2 in itertools.combinations(SHAPES, 2):
+        out.append({"tag": "two_object", "prompt": f"a photo of {_a(s1)} and {_a(s2)}",
+                    "include": [{"class": s1, "count": 1}, {"class": s2, "count": 1}]})
+    for s, n in itertools.product(SHAPES, (2, 3, 4)):
+        out.append({"tag": "counting", "prompt": f"a photo of {NUMBERS[n]} {_plural(s)}",
+                    "include": [{"class": s, "count": n}], "exclude": [{"class": s, "count": n + 1}]})
+    for s, c in itertools.product(SHAPES, COLORS):
+        out.append({"tag": "colors", "prompt": f"a photo of {_a(c)} {s}",
+                    "include": [{"class": s, "count": 1, "color": c}]})
+    for (s1, s2), rel in itertools.product(itertools.permutations(SHAPES, 2), RELATIONS):
+        out.append({"tag": "position", "prompt": f"a photo of {_a(s2)} {rel} {_a(s1)}",
+                    "include": [{"class": s1, "count": 1}, {"class": s2, "count": 1, "position": [rel, 0]}]})
+    for (s1, s2), (c1, c2) in itertools.product(itertools.permutations(SHAPES, 2), itertools.permutations(COLORS, 2)):
+        out.append({"tag": "color_attr", "prompt": f"a photo of {_a(c1)} {s1} and {_a(c2)} {s2}",
+                    "include": [{"class": s1, "count": 1, "color": c1}, {"class": s2, "count": 1, "color": c2}]})
+    return out
+
+
+def _phrase(n: int, color: str | None, shape: str) -> str:
+    words = ([color] if color else []) + [shape if n == 1 else _plural(shape)]
+    return (_a(" ".join(words)) if n == 1 else f"{NUMBERS[n]} {' '.join(words)}")
+
+
+def training_set(n: int, seed: int = 0) -> list[dict]:
+    """`n` distinct compound captions (two groups, each a count 1-3 with a colour), none a template prompt."""
+    rng = np.random.default_rng(seed)
+    held_out = {m["prompt"] for m in geneval_set()}
+    out, seen = [], set()
+    while len(out) < n:
+        s1, s2 = rng.choice(SHAPES, 2, replace=False)
+        n1, n2 = rng.integers(1, 4, 2)
+        c1, c2 = rng.choice(COLORS, 2)
+        if n1 == n2 == 1:
+            n1 = 2
+        prompt = f"a photo of {_phrase(n1, c1, s1)} and {_phrase(n2, c2, s2)}"
+        if prompt in seen or prompt in held_out:
+            continue
+        seen.add(prompt)
+        out.append({"tag": "compound", "prompt": prompt,
+                    "include": [{"class": str(s1), "count": int(n1), "color": str(c1)},
+                                {"class": str(s2), "count": int(n2), "color": str(c2)}],
+                    "exclude": [{"class": str(s1), "count": int(n1) + 1}, {"class": str(s2), "count": int(n2) + 1}]})
+    return out
+
+
+def write_jsonl(lines: list[dict], path: str | os.PathLike) -> None:
+    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for m in lines:
+            f.write(json.dumps(m) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

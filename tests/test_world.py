@@ -1,0 +1,95 @@
+"""The scene world: the evaluator against renderer ground truth (clean, noisy and blurred), each failure kind
+on hand-made scenes, and the shipped GenEval-format prompt files."""
+
+from __future__ import annotations
+
+import collections
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from ddspo_jax.world import prompts
+from ddspo_jax.world.judge import detect, judge
+from ddspo_jax.world.scenes import COLORS, SHAPES, Obj, render, render_for
+
+EVAL = prompts.geneval_set()
+
+
+def test_ground_truth_scenes_are_all_judged_correct():
+    rng = np.random.default_rng(0)
+    wrong = []
+    for rep in range(4):  # 4 x 454 scenes, half with distractor objects of unnamed classes
+        for m in EVAL:
+            img, _ = render_for(m, rng, 64, distractors=rep % 2 == 1)
+            ok, why = judge(img, m)
+            if not ok:
+                wrong.append((m["prompt"], why))
+    assert not wrong, wrong[:5]
+
+
+@pytest.mark.parametrize("noise,blur", [(0.05, 0.7), (0.03, 1.0)])
+def test_noisy_blurred_scenes_are_judged_correct_at_least_99_percent(noise, blur):
+    rng = np.random.default_rng(1)
+    fails = collections.Counter()
+    for m in EVAL * 2:
+        img, _ = render_for(m, rng, 64)
+        img = np.clip(ndimage.gaussian_filter(img, (blur, blur, 0)) + rng.normal(0, noise, img.shape), 0, 1)
+        ok, why = judge(img, m)
+        fails[why] += not ok
+    assert sum(fails.values()) <= 0.01 * 2 * len(EVAL), fails.most_common(3)
+
+
+def _meta(tag):
+    return next(m for m in EVAL if m["tag"] == tag)
+
+
+def test_each_failure_kind_is_caught():
+    red_circle = Obj("circle", "red", 20, 32, 7)
+    blue_square = Obj("square", "blue", 46, 32, 7)
+    two = {"include": [{"class": "circle", "count": 1}, {"class": "square", "count": 1}]}
+    assert judge(render([red_circle, blue_square]), two)[0]
+    ok, why = judge(render([red_circle]), two)  # missing object
+    assert not ok and "square" in why
+    counting = {"include": [{"class": "circle", "count": 2}], "exclude": [{"class": "circle", "count": 3}]}
+    pair = [Obj("circle", "red", 16, 16, 6), Obj("circle", "green", 46, 16, 6)]
+    assert judge(render(pair), counting)[0]
+    assert not judge(render(pair[:1]), counting)[0]  # wrong count (too few)
+    ok, why = judge(render(pair + [Obj("circle", "blue", 30, 46, 6)]), counting)  # extra object
+    assert not ok and "fewer than 3" in why
+    color = {"include": [{"class": "circle", "count": 1, "color": "red"}]}
+    assert judge(render([red_circle]), color)[0]
+    ok, why = judge(render([Obj("circle", "purple", 20, 32, 7)]), color)  # wrong colour
+    assert not ok and "red" in why
+    pos = {"include": [{"class": "square", "count": 1}, {"class": "circle", "count": 1, "position": ["left of", 0]}]}
+    assert judge(render([red_circle, blue_square]), pos)[0]
+    swapped = [Obj("circle", "red", 46, 32, 7), Obj("square", "blue", 20, 32, 7)]
+    ok, why = judge(render(swapped), pos)  # wrong relation
+    assert not ok and "left of" in why
+
+
+def test_detect_names_every_shape_and_colour():
+    objs = [Obj(s, c, 12 + 20 * (i % 3), 12 + 20 * (i // 3), 6) for i, (s, c) in
+            enumerate(zip(SHAPES + SHAPES[:2], COLORS))]
+    found = sorted((d.shape, d.color) for d in detect(render(objs)))
+    assert found == sorted((o.shape, o.color) for o in objs)
+
+
+def test_prompt_sets_are_geneval_format_held_out_and_shipped_as_generated(tmp_path):
+    assert len(EVAL) >= 400 and {m["tag"] for m in EVAL} == set(prompts.TAGS)
+    for m in EVAL:
+        assert set(m) <= {"tag", "prompt", "include", "exclude"}
+        for q in m["include"] + m.get("exclude", []):
+            assert q["class"] in SHAPES and 1 <= q["count"] <= 5
+    train = prompts.training_set(1000)
+    assert not {m["prompt"] for m in train} & {m["prompt"] for m in EVAL}
+    res = subprocess.run([sys.executable, "-m", "ddspo_jax.world", "prompts", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    from ddspo_jax.world.__main__ import PROMPT_DIR
+    for name in ("world_eval.jsonl", "world_train.jsonl"):
+        assert (tmp_path / name).read_text() == (PROMPT_DIR / name).read_text(), name
+    assert json.loads((PROMPT_DIR / "world_eval.jsonl").read_text().splitlines()[0])["tag"] == "single_object"
