@@ -40,6 +40,65 @@ def bootstrap_ci(values: np.ndarray, stat=np.mean, n: int = BOOTSTRAP, seed: int
     return float(lo), float(hi)
 
 
+def wilson(k: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a proportion k / n (95 % by default)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(centre - half), float(centre + half)
+
+
+def tag_summary(scores: dict[str, np.ndarray], tags: list[str], n_boot: int = BOOTSTRAP, seed: int = 0) -> dict:
+    """GenEval's report of 0/1 verdicts [n_prompts, ipp] per model: accuracy per tag with a Wilson interval over
+    its images, overall = mean of the tag accuracies with a bootstrap interval (prompts resampled within
+    each tag); for two models the paired difference of overall and of each tag."""
+    names, tags = list(scores), np.asarray(tags)
+    uniq = sorted(set(tags.tolist()))
+    idx = {t: np.nonzero(tags == t)[0] for t in uniq}
+    rng = np.random.default_rng(seed)
+    boots = [{t: rng.integers(0, len(ix), len(ix)) for t, ix in idx.items()} for _ in range(n_boot)]
+
+    def overall(per_prompt, b=None):
+        return float(np.mean([per_prompt[ix if b is None else ix[b[t]]].mean() for t, ix in idx.items()]))
+
+    out: dict = {"tags": uniq, "models": {}}
+    per = {m: scores[m].mean(axis=1) for m in names}
+    for m in names:
+        s = scores[m]
+        row = {t: {"accuracy": float(s[ix].mean()), "ci95": wilson(float(s[ix].sum()), int(s[ix].size)),
+                   "n_images": int(s[ix].size)} for t, ix in idx.items()}
+        dist = [overall(per[m], b) for b in boots]
+        out["models"][m] = {"overall": overall(per[m]), "overall_ci95": tuple(np.percentile(dist, [2.5, 97.5])),
+                            "per_tag": row}
+    if len(names) == 2:
+        d = per[names[0]] - per[names[1]]
+        dist = [overall(d, b) for b in boots]
+        out["paired"] = {"overall_difference": overall(d), "overall_difference_ci95": tuple(np.percentile(dist, [2.5, 97.5])),
+                         "per_tag_difference": {t: float(d[ix].mean()) for t, ix in idx.items()}}
+    return out
+
+
+def tag_table(s: dict, labels: dict[str, str]) -> str:
+    names = list(s["models"])
+    lines = ["GenEval accuracy per tag [95 % Wilson interval]; overall = mean of tags [bootstrap interval]",
+             f"  {'tag':<14}" + "".join(f"{labels[m][:30]:>32}" for m in names) + ("   difference" if len(names) == 2 else "")]
+    for t in s["tags"]:
+        cells = "".join(f"{s['models'][m]['per_tag'][t]['accuracy']:>10.3f} [{s['models'][m]['per_tag'][t]['ci95'][0]:.3f}, "
+                        f"{s['models'][m]['per_tag'][t]['ci95'][1]:.3f}]  " for m in names)
+        diff = f"  {s['paired']['per_tag_difference'][t]:+.3f}" if "paired" in s else ""
+        lines.append(f"  {t:<14}{cells}{diff}")
+    cells = "".join(f"{s['models'][m]['overall']:>10.3f} [{s['models'][m]['overall_ci95'][0]:.3f}, "
+                    f"{s['models'][m]['overall_ci95'][1]:.3f}]  " for m in names)
+    diff = ""
+    if "paired" in s:
+        p = s["paired"]
+        diff = f"  {p['overall_difference']:+.3f} [{p['overall_difference_ci95'][0]:+.3f}, {p['overall_difference_ci95'][1]:+.3f}]"
+    lines.append(f"  {'overall':<14}{cells}{diff}")
+    return "\n".join(lines)
+
+
 def summarize(scores: dict[str, np.ndarray], prefer: np.ndarray | None = None) -> dict:
     """scores: name -> [n_prompts, images_per_prompt]; the first name is the model, the second the compare."""
     out: dict = {"models": {}}
@@ -170,7 +229,7 @@ def run(args) -> dict:
     prompts, _ = load_prompts(args.prompts, field=args.field or None, limit=args.limit or None)
     if not prompts:
         raise DataError(f"no prompts in {args.prompts}")
-    scorer = make_scorer(args.scorer, args.scorer_path or None,
+    scorer = make_scorer(args.scorer, args.scorer_path or None, prompts_path=args.prompts,
                          **({"head": args.scorer_head} if args.scorer_head else {}))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -203,18 +262,26 @@ def run(args) -> dict:
                                  for s in range(0, n * ipp, args.batch)]).reshape(n, ipp)
     summary = summarize(scores, prefer)
     summary.update(scorer=args.scorer, unit=scorer.unit, settings=run_info)
+    tags = None
+    if getattr(scorer, "binary", False) and hasattr(scorer, "tag"):
+        tags = [scorer.tag(p) for p in prompts]
+        summary["geneval"] = tag_summary(scores, tags)
     with (out / "results.jsonl").open("w") as f:
         for name in scores:
             for i, prompt in enumerate(prompts):
                 for k in range(args.images_per_prompt):
                     row = {"model": name, "spec": labels[name], "prompt_index": i, "prompt": prompt, "image": k,
                            "file": f"{name}/{i:05d}_{k}.png", "score": float(scores[name][i, k])}
+                    if tags is not None:
+                        row["tag"] = tags[i]
                     if prefer is not None and name == "model":
                         row["preference"] = float(prefer[i, k])
                     f.write(json.dumps(row) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     save_png(labelled_grid(images, scores, prompts, labels), out / "grid.png")
     print(table(summary, labels, scorer.unit))
+    if "geneval" in summary:
+        print(tag_table(summary["geneval"], labels))
     print(f"evaluate: results.jsonl, summary.json and grid.png in {out}")
     return summary
 
@@ -229,7 +296,8 @@ def parse_args(argv=None):
     ap.add_argument("--field", default="", help="JSONL field / CSV or Parquet column of the prompts")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N prompts")
     ap.add_argument("--scorer", default="pickscore",
-                    help="clip_score | pickscore | aesthetic (see ddspo_jax/scorers)")
+                    help="clip_score | pickscore | aesthetic | shapes (the scene world's GenEval judge; its "
+                         "--prompts must be GenEval-format JSONL) (see ddspo_jax/scorers)")
     ap.add_argument("--scorer-path", default="", help="local folder of the scorer's model (never downloaded)")
     ap.add_argument("--scorer-head", default="", help="aesthetic: the head file (default "
                                                       "<scorer-path>/aesthetic_head.safetensors)")

@@ -87,3 +87,45 @@ def test_evaluate_compare_pickscore_end_to_end(tmp_path, two_models):
     assert json.loads((out / "summary.json").read_text())["paired"] == summary["paired"]
     # other generation settings into the same folder are refused, naming the setting
     assert evaluate.main(argv[:-4] + ["--seed", "3", "--out", str(out)]) == 2
+
+
+def test_wilson_interval_matches_scipy():
+    from scipy.stats import binomtest
+
+    for k, n in ((0, 20), (5, 10), (37, 40), (400, 1000)):
+        ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        np.testing.assert_allclose(evaluate.wilson(k, n), (ci.low, ci.high), atol=1e-6)
+
+
+def test_geneval_tag_summary_by_hand():
+    a = np.array([[1, 1], [1, 0], [0, 0], [1, 1]], float)  # tags x, x, y, y
+    b = np.array([[0, 0], [1, 0], [0, 0], [0, 1]], float)
+    s = evaluate.tag_summary({"model": a, "compare": b}, ["x", "x", "y", "y"])
+    assert s["models"]["model"]["per_tag"]["x"]["accuracy"] == 0.75
+    assert s["models"]["model"]["overall"] == pytest.approx((0.75 + 0.5) / 2)  # GenEval: mean of the tags
+    assert s["models"]["compare"]["overall"] == pytest.approx((0.25 + 0.25) / 2)
+    assert s["paired"]["overall_difference"] == pytest.approx(0.625 - 0.25)
+    lo, hi = s["models"]["model"]["overall_ci95"]
+    assert lo <= 0.625 <= hi
+
+
+def test_evaluate_shapes_scorer_on_the_world_prompts(tmp_path, two_models):
+    from ddspo_jax.world.__main__ import PROMPT_DIR
+
+    lines = (PROMPT_DIR / "world_eval.jsonl").read_text().splitlines()
+    picked = [next(x for x in lines if f'"tag": "{t}"' in x) for t in ("single_object", "two_object", "counting",
+                                                                       "colors", "position", "color_attr")]
+    prompts = tmp_path / "six.jsonl"
+    prompts.write_text("\n".join(picked) + "\n")
+    out = tmp_path / "eval"
+    assert evaluate.main(["--model", two_models[0], "--compare", two_models[1], "--prompts", str(prompts),
+                          "--scorer", "shapes", "--steps", "2", "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())["geneval"]
+    assert len(s["tags"]) == 6 and set(s["models"]) == {"model", "compare"}
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["tag"] for r in rows} == set(s["tags"]) and all(r["score"] in (0.0, 1.0) for r in rows)
+    # the verdicts are the judge's on the written PNGs
+    from ddspo_jax.world.judge import judge
+    meta = {json.loads(x)["prompt"]: json.loads(x) for x in picked}
+    for r in rows:
+        assert judge(evaluate._read_png(out / r["file"]), meta[r["prompt"]])[0] == bool(r["score"])

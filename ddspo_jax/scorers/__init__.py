@@ -3,7 +3,8 @@
 A scorer is made once from a local folder (`make_scorer(name, path)`) and then scores batches of generated
 images [N, H, W, 3] in [0, 1] against their prompts, on device. `score` returns one number per image
 (higher is better); a scorer with a pairwise definition (PickScore's preference probability) also has
-`prefer(images_a, images_b, prompts)` -> P(a preferred over b). New scorers register with `@register(name)`.
+`prefer(images_a, images_b, prompts)` -> P(a preferred over b); a scorer of verdicts (`binary`, 0 / 1 per
+image) with a `tag(prompt)` gets GenEval's per-tag table. New scorers register with `@register(name)`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def register(name: str):
 
 def make_scorer(name: str, path: str | None = None, **options) -> Scorer:
     """The registered scorer `name`, loaded from `path` (a local model folder; never downloaded)."""
-    from ddspo_jax.scorers import clip  # noqa: F401  (registers clip_score, pickscore, aesthetic)
+    from ddspo_jax.scorers import clip, shapes  # noqa: F401  (registers clip_score, pickscore, aesthetic, shapes)
 
     if name not in SCORERS:
         raise ConfigError(f"unknown scorer {name!r}; known: {', '.join(sorted(SCORERS))}")
@@ -42,6 +43,6 @@ def make_scorer(name: str, path: str | None = None, **options) -> Scorer:
 
 
 def known() -> list[str]:
-    from ddspo_jax.scorers import clip  # noqa: F401
+    from ddspo_jax.scorers import clip, shapes  # noqa: F401
 
     return sorted(SCORERS)
