@@ -286,6 +286,64 @@ def run(args) -> dict:
     return summary
 
 
+class TrainingEval:
+    """`train.eval_every`: the current model's score on `train.eval_prompts` (one image per prompt, the noise
+    `evaluate` uses for image 0), beside the frozen reference's (scored once), logged as eval/* scalars.
+    Single-process runs only, like the sample grid."""
+
+    def __init__(self, cfg, backbone, mesh, writer, log):
+        self.cfg, self.bb, self.mesh, self.writer, self.log = cfg, backbone, mesh, writer, log
+        self.gen = self.scorer = self.prompts = None
+        self.reference: dict | None = None
+
+    def _setup(self):
+        from ddspo_jax import sampling
+        from ddspo_jax.backbones import generation_settings
+        from ddspo_jax.data.prompts import load_prompts
+        from ddspo_jax.scorers import make_scorer
+
+        t = self.cfg.train
+        self.prompts, _ = load_prompts(t.eval_prompts, limit=t.eval_limit or None)
+        self.scorer = make_scorer(t.eval_scorer, t.eval_scorer_path or None, prompts_path=t.eval_prompts)
+        self.bb.load_extras(text=True, vae=True)
+        p = self.cfg.prepare
+        settings = generation_settings(self.bb, sampler=p.sampler, steps=p.steps, guidance=p.guidance,
+                                       resolution=p.resolution, seed=self.cfg.seed)
+        self.gen = sampling.Generator(self.bb, settings, self.mesh)
+
+    def scores(self, params) -> dict[str, float]:
+        from ddspo_jax import sampling
+        from ddspo_jax.sample import generate_images
+
+        rep, n, b = sampling.replicate(params, self.mesh), len(self.prompts), self.cfg.prepare.batch_size
+        images = np.concatenate([generate_images(self.bb, self.gen, rep, self.prompts[a:a + b],
+                                                 range(a, min(a + b, n)), batch=b) for a in range(0, n, b)])
+        s = np.asarray(self.scorer.score(images, self.prompts), np.float64)
+        out = {self.scorer.name: float(s.mean())}
+        if getattr(self.scorer, "binary", False) and hasattr(self.scorer, "tag"):
+            g = tag_summary({"m": s[:, None]}, [self.scorer.tag(q) for q in self.prompts], n_boot=1)
+            out = {f"{self.scorer.name}_overall": g["models"]["m"]["overall"],
+                   **{f"{self.scorer.name}_{t}": v["accuracy"] for t, v in g["models"]["m"]["per_tag"].items()}}
+        return out
+
+    def __call__(self, step_no, ref_params, params):
+        import jax
+
+        if jax.process_count() > 1:
+            return None
+        if self.gen is None:
+            self._setup()
+        if self.reference is None:
+            self.reference = self.scores(ref_params)
+        cur = self.scores(params)
+        self.writer.write_scalars(step_no, {**{f"eval/{k}": v for k, v in cur.items()},
+                                            **{f"eval/{k}_reference": v for k, v in self.reference.items()}})
+        main = next(iter(cur))
+        self.log(f"step {step_no}: eval {main} {cur[main]:.4f} (reference {self.reference[main]:.4f}) on "
+                 f"{len(self.prompts)} prompts of {self.cfg.train.eval_prompts}")
+        return cur
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m ddspo_jax.evaluate", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,

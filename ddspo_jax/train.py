@@ -302,6 +302,11 @@ def train(cfg, *, log=print) -> dict:
         mngr.save(step_no, args=save_args(state, np.asarray(rng), loader.get_state()), force=True)
 
     grid = SampleGrid(cfg, backbone, mesh, out, writer, log) if cfg.train.sample_every >= 0 else None
+    evaluator = None
+    if cfg.train.eval_prompts:
+        from ddspo_jax.evaluate import TrainingEval
+
+        evaluator = TrainingEval(cfg, backbone, mesh, writer, log)
 
     # ----------------------------------------------------------------------------------- loop
     grad_fn = update_fn = flops = mfu_peak = None
@@ -310,6 +315,7 @@ def train(cfg, *, log=print) -> dict:
     bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", disable=not main_process,
                dynamic_ncols=True)
     step_no = start
+    last_eval = None
     try:
         while step_no < cfg.train.steps:
             t0 = time.time()
@@ -358,6 +364,11 @@ def train(cfg, *, log=print) -> dict:
             if grid is not None and (step_no == cfg.train.steps or
                                      (cfg.train.sample_every > 0 and step_no % cfg.train.sample_every == 0)):
                 grid(step_no, ref_params["unet"], to_unet_params(state["params"], ref_params))
+            if evaluator is not None and (step_no == cfg.train.steps or
+                                          (cfg.train.eval_every > 0 and step_no % cfg.train.eval_every == 0)):
+                summary_eval = evaluator(step_no, ref_params["unet"], to_unet_params(state["params"], ref_params))
+                if summary_eval is not None:
+                    last_eval = summary_eval
             if stop["signal"] is not None:
                 save(step_no)
                 mngr.wait_until_finished()
@@ -369,7 +380,8 @@ def train(cfg, *, log=print) -> dict:
         mngr.wait_until_finished()
         writer.flush()
         loader.close()
-    summary = {"steps": step_no, "resumed_from": start, "output_dir": str(out),
+    summary = {"steps": step_no, "resumed_from": start, "output_dir": str(out), "eval": last_eval,
+               "eval_reference": evaluator.reference if evaluator is not None else None,
                "checkpoint": str(out / "checkpoints" / str(mngr.latest_step())), "flops_per_step": flops,
                "params": state["params"], "records": str(cfg.data.records),
                "samples": str(out / "samples") if grid is not None and grid.written else None, "export": None}

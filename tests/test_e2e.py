@@ -57,8 +57,22 @@ def test_tiny_road_end_to_end(tmp_path):
     np.testing.assert_allclose(ours, theirs.transpose(0, 2, 3, 1), atol=1e-4)
     assert not np.allclose(ours, np.asarray(model.apply({"params": ref}, x, np.array([500]), ctx)))  # it trained
 
-    # a second run resumes and reuses the records
-    res = run(tmp_path, "--config.train.steps=6")
+    # a second run resumes and reuses the records, scoring the model on world prompts at its end
+    from ddspo_jax.world.__main__ import PROMPT_DIR
+    lines = (PROMPT_DIR / "world_eval.jsonl").read_text().splitlines()
+    (tmp_path / "eval.jsonl").write_text("\n".join(lines[:2] + lines[-2:]) + "\n")
+    res = run(tmp_path, "--config.train.steps=6", f"--config.train.eval_prompts={tmp_path / 'eval.jsonl'}")
     assert res.returncode == 0, res.stderr[-4000:]
     assert "resumed" in res.stdout and "at step 4" in res.stdout and "preparing them" not in res.stdout
     assert (run_dir / "checkpoints" / "6").is_dir()
+    assert "step 6: eval shapes_overall" in res.stdout and "(reference " in res.stdout, res.stdout[-2000:]
+    # the logged score is what `evaluate` reports for the same model, prompts and settings (image 0, seed 0)
+    import re
+
+    from ddspo_jax import evaluate
+    logged = float(re.search(r"eval shapes_overall ([0-9.]+)", res.stdout).group(1))
+    assert evaluate.main(["--model", str(run_dir), "--prompts", str(tmp_path / "eval.jsonl"), "--scorer", "shapes",
+                          "--steps", "2", "--out", str(tmp_path / "ev")]) == 0
+    import json
+    s = json.loads((tmp_path / "ev" / "summary.json").read_text())["geneval"]["models"]["model"]["overall"]
+    assert abs(s - logged) < 1e-4
