@@ -1,5 +1,6 @@
-"""python -m ddspo_jax.world prompts [--out DIR] [--train N] [--seed S]: writes the world's prompt files.
+"""python -m ddspo_jax.world prompts | pretrain: the scene world's prompt files and its pre-trained model.
 
+prompts [--out DIR] [--train N] [--seed S]:
 world_eval.jsonl  every GenEval-template prompt of the scene world (the held-out evaluation set)
 world_train.jsonl N compound captions for `prepare` (none of them an evaluation prompt)
 """
@@ -20,7 +21,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(PROMPT_DIR), help="folder (default: the shipped prompt folder)")
     p.add_argument("--train", type=int, default=1000, help="number of training captions")
     p.add_argument("--seed", type=int, default=0)
+    from ddspo_jax.world import pretrain
+
+    q = sub.add_parser("pretrain", help="train the world's text-to-image model (VAE, then UNet) and write it")
+    pretrain.add_arguments(q)
     args = ap.parse_args(argv)
+    if args.cmd == "pretrain":
+        pretrain.pretrain(pretrain.from_args(args))
+        return 0
     from ddspo_jax.world import prompts
 
     out = Path(args.out)

@@ -1,0 +1,188 @@
+"""Pre-trains the scene world's text-to-image model with the project's own code: the VAE, then the UNet.
+
+  python -m ddspo_jax.world pretrain --out world_model [--vae-steps N] [--unet-steps N] [--batch B]
+
+The architecture is the embedded tiny SD pipeline's (ddspo_jax/tiny.py: UNet, CLIP text encoder and
+tokenizer, f4 VAE at 64x64, DDIM scheduler). The text encoder stays as the tiny builder makes it — random and
+frozen: a fixed random transformer keeps the words of a caption distinguishable, the UNet's cross-attention
+learns to read them, and nothing about the text side needs training or shipping beyond the builder's
+deterministic bytes. Training data are rendered on the fly (world.scenes) from the compound training
+captions (world.prompts.training_set), so the evaluation prompts stay held out.
+
+  VAE   reconstruction MSE + 1e-6 KL (SD's small KL), AdamW
+  UNet  DDPM epsilon MSE on the frozen VAE's posterior-mean latents, 10 % empty captions (for CFG), AdamW
+
+Deterministic (every batch is a pure function of (seed, phase, step)); each phase checkpoints with Orbax every
+`--checkpoint-every` steps and a re-run resumes; the result is an ordinary diffusers pipeline folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ddspo_jax.world import prompts as world_prompts
+from ddspo_jax.world import scenes
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    out: str
+    vae_steps: int = 3000
+    unet_steps: int = 20000
+    batch: int = 32
+    vae_lr: float = 1e-3
+    unet_lr: float = 5e-4
+    warmup: int = 200
+    caption_dropout: float = 0.1
+    checkpoint_every: int = 500
+    captions: int = 1000
+    seed: int = 0
+    resolution: int = 64
+
+
+def batch_of_scenes(cfg: PretrainConfig, phase: int, step: int, metas: list[dict]):
+    """(images [B, R, R, 3] in [0, 1], captions) for one step: a pure function of (seed, phase, step)."""
+    rng = np.random.default_rng([cfg.seed, phase, step])
+    picks = rng.integers(0, len(metas), cfg.batch)
+    images, captions = [], []
+    for i in picks:
+        img, _ = scenes.render_for(metas[int(i)], rng, cfg.resolution)
+        images.append(img)
+        captions.append(metas[int(i)]["prompt"])
+    return np.stack(images), captions
+
+
+def _optimizer(lr: float, warmup: int, steps: int):
+    import optax
+
+    sched = optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)],
+                                 [max(warmup, 1)])
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=1e-2))
+
+
+def _run_phase(name: str, cfg: PretrainConfig, steps: int, params, loss_fn, make_batch, ckpt_dir: Path, lr: float,
+               log):
+    """AdamW on `loss_fn(params, batch, key)` for `steps` steps with Orbax checkpoints; resumes from ckpt_dir."""
+    import jax
+    import optax
+    import orbax.checkpoint as ocp
+    from tqdm import tqdm
+
+    opt = _optimizer(lr, min(cfg.warmup, steps // 10), steps)
+    state = {"params": params, "opt": opt.init(params)}
+    mngr = ocp.CheckpointManager(ckpt_dir.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2))
+    start = mngr.latest_step() or 0
+    if start:
+        state = mngr.restore(start, args=ocp.args.StandardRestore(state))
+        log(f"pretrain {name}: resumed at step {start} from {ckpt_dir}")
+
+    @jax.jit
+    def step(state, batch, key):
+        loss, g = jax.value_and_grad(loss_fn)(state["params"], batch, key)
+        updates, o = opt.update(g, state["opt"], state["params"])
+        return {"params": optax.apply_updates(state["params"], updates), "opt": o}, loss
+
+    losses = []
+    root = jax.random.fold_in(jax.random.key(cfg.seed), len(name))  # "vae" / "unet": distinct streams
+    bar = tqdm(total=steps, initial=start, desc=f"pretrain {name}", unit="step")
+    for i in range(start, steps):
+        state, loss = step(state, make_batch(i), jax.random.fold_in(root, i))
+        losses.append(float(loss))
+        bar.update(1)
+        if i % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        if (i + 1) % cfg.checkpoint_every == 0 or i + 1 == steps:
+            mngr.save(i + 1, args=ocp.args.StandardSave(state))
+    bar.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    return state["params"], losses
+
+
+def pretrain(cfg: PretrainConfig, log=print) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+
+    from ddspo_jax.backbones import load_backbone
+    from ddspo_jax.config import base_config
+    from ddspo_jax.convert import export_unet, export_vae
+    from ddspo_jax.convert.common import read_config
+    from ddspo_jax.tiny import build_tiny_model
+
+    out = Path(cfg.out)
+    work = out.parent / f".{out.name}.work"
+    base = work / "base"
+    if not (base / "model_index.json").is_file():
+        build_tiny_model(base, "sd", seed=cfg.seed)
+    metas = world_prompts.training_set(cfg.captions, cfg.seed)
+    mcfg = ml_collections.ConfigDict(base_config().model.to_dict())
+    mcfg.path, mcfg.dtype = str(base), "float32"
+    bb = load_backbone(mcfg, base_config().schedule, text=True, vae=True, log=None)
+    vae, scale = bb.vae, bb.vae.config.scaling_factor
+
+    def vae_loss(p, images, key):
+        x = images * 2.0 - 1.0
+        mean, logvar = vae.apply({"params": p}, x, method="moments")
+        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+        recon = vae.apply({"params": p}, z * scale, method="decode")
+        kl = 0.5 * jnp.mean(jnp.sum(mean ** 2 + jnp.exp(logvar) - 1.0 - logvar, axis=-1))
+        return jnp.mean((recon - x) ** 2) + 1e-6 * kl
+
+    vae_params, vae_losses = _run_phase(
+        "vae", cfg, cfg.vae_steps, bb.vae_params, vae_loss, lambda i: jnp.asarray(batch_of_scenes(cfg, 0, i, metas)[0]),
+        work / "vae_ckpt", cfg.vae_lr, log)
+    bb.vae_params = vae_params
+    empty = bb.negative_cond(1)["prompt_embeds"][0]
+    encode = jax.jit(lambda p, x: vae.apply({"params": p}, x * 2.0 - 1.0, method="encode"))
+    sched = bb.schedule
+
+    def unet_batch(i):
+        images, captions = batch_of_scenes(cfg, 1, i, metas)
+        rng = np.random.default_rng([cfg.seed, 2, i])
+        emb = bb.encode(captions)["prompt_embeds"]
+        drop = rng.random(len(captions)) < cfg.caption_dropout
+        emb = np.where(drop[:, None, None], empty[None], emb)
+        return {"z": encode(vae_params, jnp.asarray(images)), "c": jnp.asarray(emb)}
+
+    def unet_loss(p, b, key):
+        kt, kn = jax.random.split(key)
+        t = jax.random.randint(kt, (b["z"].shape[0],), 0, sched.num_train_timesteps)
+        noise = jax.random.normal(kn, b["z"].shape)
+        pred = bb.denoise(p, sched.add_noise(b["z"], noise, t), sched.model_timestep(t), {"prompt_embeds": b["c"]})
+        return jnp.mean((pred - noise) ** 2)
+
+    unet_params, unet_losses = _run_phase("unet", cfg, cfg.unet_steps, bb.unet_params, unet_loss, unet_batch,
+                                          work / "unet_ckpt", cfg.unet_lr, log)
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("ddspo_tiny.json"))
+    export_vae(read_config(base / "vae"), jax.tree.map(np.asarray, vae_params), tmp / "vae")
+    export_unet(read_config(base / "unet"), jax.tree.map(np.asarray, unet_params), tmp / "unet")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    summary = {"out": str(out), "vae_steps": cfg.vae_steps, "unet_steps": cfg.unet_steps,
+               "vae_loss_first": float(np.mean(vae_losses[:20])) if vae_losses else None,
+               "vae_loss_last": float(np.mean(vae_losses[-20:])) if vae_losses else None,
+               "unet_loss_first": float(np.mean(unet_losses[:20])) if unet_losses else None,
+               "unet_loss_last": float(np.mean(unet_losses[-20:])) if unet_losses else None}
+    log(f"pretrain: world model written to {out} ({summary})")
+    return summary
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = PretrainConfig(out="")
+    p.add_argument("--out", required=True, help="the diffusers pipeline folder to write")
+    for f in dataclasses.fields(PretrainConfig):
+        if f.name != "out":
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(d, f.name)), default=getattr(d, f.name))
+
+
+def from_args(args) -> PretrainConfig:
+    return PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)})
