@@ -292,19 +292,22 @@ class TrainingEval:
     Single-process runs only, like the sample grid."""
 
     def __init__(self, cfg, backbone, mesh, writer, log):
+        from ddspo_jax.data.prompts import load_prompts
+        from ddspo_jax.scorers import make_scorer
+
         self.cfg, self.bb, self.mesh, self.writer, self.log = cfg, backbone, mesh, writer, log
-        self.gen = self.scorer = self.prompts = None
+        self.gen = None
         self.reference: dict | None = None
+        t = cfg.train  # a bad prompt file or scorer stops the run before its first step, not at the evaluation
+        self.prompts, _ = load_prompts(t.eval_prompts, limit=t.eval_limit or None)
+        self.scorer = make_scorer(t.eval_scorer, t.eval_scorer_path or None, prompts_path=t.eval_prompts)
+        for p in self.prompts:
+            getattr(self.scorer, "tag", lambda q: None)(p)  # every prompt has its metadata line
 
     def _setup(self):
         from ddspo_jax import sampling
         from ddspo_jax.backbones import generation_settings
-        from ddspo_jax.data.prompts import load_prompts
-        from ddspo_jax.scorers import make_scorer
 
-        t = self.cfg.train
-        self.prompts, _ = load_prompts(t.eval_prompts, limit=t.eval_limit or None)
-        self.scorer = make_scorer(t.eval_scorer, t.eval_scorer_path or None, prompts_path=t.eval_prompts)
         self.bb.load_extras(text=True, vae=True)
         p = self.cfg.prepare
         settings = generation_settings(self.bb, sampler=p.sampler, steps=p.steps, guidance=p.guidance,

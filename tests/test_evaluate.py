@@ -129,3 +129,19 @@ def test_evaluate_shapes_scorer_on_the_world_prompts(tmp_path, two_models):
     meta = {json.loads(x)["prompt"]: json.loads(x) for x in picked}
     for r in rows:
         assert judge(evaluate._read_png(out / r["file"]), meta[r["prompt"]])[0] == bool(r["score"])
+
+
+def test_training_eval_refuses_a_prompt_file_without_metadata_before_training(tmp_path):
+    from ddspo_jax.config import base_config
+    from ddspo_jax.errors import DataError
+
+    cfg = base_config()
+    (tmp_path / "p.txt").write_text("a photo of a circle\n")
+    cfg.train.eval_prompts = str(tmp_path / "p.txt")
+    with pytest.raises(DataError, match="not valid JSON"):
+        evaluate.TrainingEval(cfg, None, None, None, None)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a photo of a circle", "include": [{"class": "circle", "count": 1}]}\n'
+                                      '{"prompt": "no metadata"}\n')
+    cfg.train.eval_prompts = str(tmp_path / "p.jsonl")
+    with pytest.raises(DataError, match="not a GenEval metadata line"):
+        evaluate.TrainingEval(cfg, None, None, None, None)
