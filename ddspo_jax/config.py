@@ -102,7 +102,7 @@ SCHEMA: dict[str, _F] = {
                              "world's ddspo_jax/configs/prompts/world_eval.jsonl with eval_scorer=shapes."),
     "train.eval_every": _F(0, "Score the model on train.eval_prompts every this many steps (0: only at the end), "
                            "logged to TensorBoard as eval/* beside the reference's score."),
-    "train.eval_scorer": _F("shapes", "A scorer of ddspo_jax.scorers (shapes, clip_score, pickscore, aesthetic)."),
+    "train.eval_scorer": _F("shapes", "A scorer of ddspo_jax.scoring (shapes, clip_score, pickscore, aesthetic)."),
     "train.eval_scorer_path": _F("", "The scorer's local model folder (CLIP-based scorers)."),
     "train.eval_limit": _F(0, "Score only the first N prompts of train.eval_prompts (0: all)."),
     "train.export_at_end": _F(True, "Write a diffusers pipeline of the final model to <output_dir>/export."),

@@ -224,7 +224,7 @@ def run(args) -> dict:
     from ddspo_jax.data.prompts import load_prompts
     from ddspo_jax.errors import DataError
     from ddspo_jax.sample import save_png
-    from ddspo_jax.scorers import make_scorer
+    from ddspo_jax.scoring import make_scorer
 
     prompts, _ = load_prompts(args.prompts, field=args.field or None, limit=args.limit or None)
     if not prompts:
@@ -293,7 +293,7 @@ class TrainingEval:
 
     def __init__(self, cfg, backbone, mesh, writer, log):
         from ddspo_jax.data.prompts import load_prompts
-        from ddspo_jax.scorers import make_scorer
+        from ddspo_jax.scoring import make_scorer
 
         self.cfg, self.bb, self.mesh, self.writer, self.log = cfg, backbone, mesh, writer, log
         self.gen = None
@@ -358,7 +358,7 @@ def parse_args(argv=None):
     ap.add_argument("--limit", type=int, default=0, help="use only the first N prompts")
     ap.add_argument("--scorer", default="pickscore",
                     help="clip_score | pickscore | aesthetic | shapes (the scene world's GenEval judge; its "
-                         "--prompts must be GenEval-format JSONL) (see ddspo_jax/scorers)")
+                         "--prompts must be GenEval-format JSONL) (see ddspo_jax/scoring)")
     ap.add_argument("--scorer-path", default="", help="local folder of the scorer's model (never downloaded)")
     ap.add_argument("--scorer-head", default="", help="aesthetic: the head file (default "
                                                       "<scorer-path>/aesthetic_head.safetensors)")

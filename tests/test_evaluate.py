@@ -70,7 +70,7 @@ def test_evaluate_compare_pickscore_end_to_end(tmp_path, two_models):
     pref = np.array([r["preference"] for r in rows if r["model"] == "model"])
     assert summary["paired"]["preference"] == pytest.approx(pref.mean())
     # the score of an image is the scorer applied to its PNG; the two models' images differ
-    from ddspo_jax.scorers import make_scorer
+    from ddspo_jax.scoring import make_scorer
     png = evaluate._read_png(out / rows[0]["file"])
     assert make_scorer("pickscore", str(clip)).score(png[None], [rows[0]["prompt"]])[0] == pytest.approx(
         rows[0]["score"], abs=1e-5)

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from ddspo_jax.errors import MissingFileError, ModelError, UserError
-from ddspo_jax.scorers import make_scorer
-from ddspo_jax.scorers.clip import AESTHETIC_CONVERSION, AESTHETIC_HEAD, ClipPreprocess
+from ddspo_jax.scoring import make_scorer
+from ddspo_jax.scoring.clip import AESTHETIC_CONVERSION, AESTHETIC_HEAD, ClipPreprocess
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # noqa: E402

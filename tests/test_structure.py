@@ -55,7 +55,7 @@ def test_commands_reach_the_tiny_model_only_through_backbones(name):
     assert not under(imports(PKG / name), "ddspo_jax.tiny"), f"{name} imports ddspo_jax.tiny directly"
 
 
-@pytest.mark.parametrize("path", sorted((PKG / "scorers").glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((PKG / "scoring").glob("*.py")), ids=lambda p: p.name)
 def test_scorers_import_no_commands_data_or_step(path):
     """Scorers measure images: `evaluate` (and later `train`) call them, never the other way."""
     bad = under(imports(path), "ddspo_jax.data", "ddspo_jax.step", *(f"ddspo_jax.{c}" for c in COMMANDS))

@@ -4,7 +4,7 @@ What the CLIP-based scorers (CLIPScore, PickScore, the LAION aesthetic predictor
 tree mirrors transformers' module tree (`vision_model/...`, `visual_projection`, `text_model/...`,
 `text_projection`, `logit_scale`) so `ddspo_jax.convert.clip` maps names with a plain key table. The encoder
 layers are the text tower's own (`clip_text.CLIPEncoder`), run without the causal mask. Inputs are NHWC
-pixel values already preprocessed (`ddspo_jax.scorers.clip.preprocess`).
+pixel values already preprocessed (`ddspo_jax.scoring.clip.preprocess`).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ddspo_jax.errors import DataError, MissingFileError
-from ddspo_jax.scorers import register
+from ddspo_jax.scoring import register
 
 
 @register("shapes")

@@ -35,7 +35,7 @@ def register(name: str):
 
 def make_scorer(name: str, path: str | None = None, **options) -> Scorer:
     """The registered scorer `name`, loaded from `path` (a local model folder; never downloaded)."""
-    from ddspo_jax.scorers import clip, shapes  # noqa: F401  (registers clip_score, pickscore, aesthetic, shapes)
+    from ddspo_jax.scoring import clip, shapes  # noqa: F401  (registers clip_score, pickscore, aesthetic, shapes)
 
     if name not in SCORERS:
         raise ConfigError(f"unknown scorer {name!r}; known: {', '.join(sorted(SCORERS))}")
@@ -43,6 +43,6 @@ def make_scorer(name: str, path: str | None = None, **options) -> Scorer:
 
 
 def known() -> list[str]:
-    from ddspo_jax.scorers import clip, shapes  # noqa: F401
+    from ddspo_jax.scoring import clip, shapes  # noqa: F401
 
     return sorted(SCORERS)
