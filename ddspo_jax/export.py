@@ -71,25 +71,31 @@ def lora_alpha(cfg: dict) -> float:
     return float(cfg["model"].get("lora_alpha") or cfg["model"]["lora_rank"])
 
 
-def restore_trained_params(run: Path, step: int | None = None, adapter: str = "w"):
-    """(params of the trained UNet as numpy, step, run config, base folder); LoRA factors merged in (an
-    sft_pair run: its `adapter`, "w" the winning or "l" the losing one)."""
+def merge_trained(params, cfg: dict, base: Path, adapter: str = "w"):
+    """A checkpoint's trainable params -> the trained UNet's params (numpy): LoRA factors merged into the base
+    (an sft_pair run: its `adapter`, "w" the winning or "l" the losing one). Host only: no collectives."""
     import jax
     import numpy as np
 
     from ddspo_jax import lora
+
+    if cfg["model"].get("lora_rank", 0) <= 0:
+        return params
+    from ddspo_jax.convert import load_unet
+
+    if cfg["train"].get("objective") == "sft_pair":
+        params = params[adapter]
+    _, base_params = load_unet(base, on_host=True)
+    return jax.tree.map(np.asarray, lora.merge(base_params, params, lora_alpha(cfg)))
+
+
+def restore_trained_params(run: Path, step: int | None = None, adapter: str = "w"):
+    """(params of the trained UNet as numpy, step, run config, base folder); LoRA factors merged in."""
     from ddspo_jax.backbones import resolve_path as resolve_model_path
 
     params, step, cfg = restore_checkpoint_params(run, step)
     base = resolve_model_path(cfg["model"]["path"], cfg["model"]["family"])
-    if cfg["model"].get("lora_rank", 0) > 0:
-        from ddspo_jax.convert import load_unet
-
-        if cfg["train"].get("objective") == "sft_pair":
-            params = params[adapter]
-        _, base_params = load_unet(base, on_host=True)
-        params = jax.tree.map(np.asarray, lora.merge(base_params, params, lora_alpha(cfg)))
-    return params, step, cfg, base
+    return merge_trained(params, cfg, base, adapter), step, cfg, base
 
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -122,9 +128,13 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, step: int | None =
         raise ExportError(f"output folder {out} is not empty; choose another or pass --overwrite")
     if run_config(run).get("train", {}).get("objective") == "sft_pair":
         return export_pair(run, out, step, log)
-    params, step, cfg, base = restore_trained_params(run, step)  # every process of a multi-process run reads
-    if jax.process_index() != 0:  # ... and process 0 writes
+    raw, step, cfg = restore_checkpoint_params(run, step)  # every process of a multi-process run reads (the
+    if jax.process_index() != 0:  # restore is collective) ... and process 0 writes
         return out
+    from ddspo_jax.backbones import resolve_path as resolve_model_path
+
+    base = resolve_model_path(cfg["model"]["path"], cfg["model"]["family"])
+    params = merge_trained(raw, cfg, base)
     unet_cfg = read_config(base / "unet")
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -134,8 +144,7 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, step: int | None =
         if cfg["model"].get("lora_rank", 0) > 0:  # the factors too, as a diffusers LoRA file
             from ddspo_jax.convert.unet import export_lora
 
-            factors, _, _ = restore_checkpoint_params(run, step)
-            export_lora(factors, lora_alpha(cfg), tmp / LORA_FILE)
+            export_lora(raw, lora_alpha(cfg), tmp / LORA_FILE)
         if not unet_only:
             for item in sorted(base.iterdir()):
                 if item.name in ("unet",) or item.name.startswith("."):
