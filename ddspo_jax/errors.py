@@ -37,3 +37,18 @@ def debug() -> bool:
     import os
 
     return bool(os.environ.get("DDSPO_DEBUG"))
+
+
+def run_command(fn, *args, **kwargs) -> int:
+    """A command's body -> its exit code: a user mistake prints one line and returns 2 (DDSPO_DEBUG=1 re-raises);
+    anything else is a bug and keeps its traceback."""
+    import sys
+
+    try:
+        fn(*args, **kwargs)
+    except UserError as e:
+        if debug():
+            raise
+        print(one_line(e), file=sys.stderr)
+        return 2
+    return 0

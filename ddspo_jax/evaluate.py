@@ -28,14 +28,13 @@ import numpy as np
 BOOTSTRAP = 2000
 
 
-def bootstrap_ci(values: np.ndarray, stat=np.mean, n: int = BOOTSTRAP, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of `stat` over the first axis (prompts)."""
+def bootstrap_ci(values: np.ndarray, n: int = BOOTSTRAP, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean over the first axis (prompts)."""
     values = np.asarray(values, np.float64)
     if len(values) < 2:
         return float("nan"), float("nan")
     idx = np.random.default_rng(seed).integers(0, len(values), (n, len(values)))
-    stats = np.array([stat(values[i]) for i in idx]) if stat is not np.mean else values[idx].mean(axis=1)
+    stats = values[idx].mean(axis=1)
     lo, hi = np.percentile(stats, [50 * (1 - level), 50 * (1 + level)])
     return float(lo), float(hi)
 
@@ -381,16 +380,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from ddspo_jax.errors import UserError, debug, one_line
+    from ddspo_jax.errors import run_command
 
-    try:
-        run(args)
-    except UserError as e:
-        if debug():
-            raise
-        print(one_line(e), file=sys.stderr)
-        return 2
-    return 0
+    return run_command(run, args)
 
 
 if __name__ == "__main__":

@@ -177,16 +177,10 @@ def main(argv=None) -> int:
     ap.add_argument("--link", action="store_true", help="symlink the unchanged components instead of copying")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     a = ap.parse_args(argv)
-    try:
-        export(a.run, a.out, step=a.step, dtype=a.dtype, unet_only=a.unet_only, overwrite=a.overwrite, link=a.link)
-    except UserError as e:  # a user mistake: one line; anything else is a bug and keeps its traceback
-        from ddspo_jax.errors import debug, one_line
+    from ddspo_jax.errors import run_command
 
-        if debug():
-            raise
-        print(one_line(e), file=sys.stderr)
-        return 2
-    return 0
+    return run_command(export, a.run, a.out, step=a.step, dtype=a.dtype, unet_only=a.unet_only,
+                       overwrite=a.overwrite, link=a.link)
 
 
 if __name__ == "__main__":

@@ -161,16 +161,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from ddspo_jax.errors import UserError, debug, one_line
+    from ddspo_jax.errors import run_command
 
-    try:
-        run(args)
-    except UserError as e:  # a user mistake: one line; anything else is a bug and keeps its traceback
-        if debug():
-            raise
-        print(one_line(e), file=sys.stderr)
-        return 2
-    return 0
+    return run_command(run, args)
 
 
 if __name__ == "__main__":

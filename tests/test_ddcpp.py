@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +72,7 @@ def _cfg(root, **over):
 
 
 @pytest.fixture(scope="module")
-def imported(dataset, capsys_module=None):
+def imported(dataset):
     from ddspo_jax.prepare import run_import_preferences
 
     cfg = _cfg(dataset)
@@ -161,7 +162,7 @@ def test_sft_pair_fits_each_adapter_to_its_own_images_and_trains_only_factors(pa
     from ddspo_jax.export import restore_checkpoint_params
 
     cfg, summary = pair_run
-    params, step, _ = restore_checkpoint_params(__import__("pathlib").Path(cfg.output_dir))
+    params, step, _ = restore_checkpoint_params(Path(cfg.output_dir))
     assert step == 12 and set(params) == {"w", "l"}
     assert all(set(f) == {"a", "b"} for f in params["w"].values())  # factors only: the base is not trained
     bb = load_backbone(cfg.model, cfg.schedule, text=False, vae=False, log=None)
@@ -177,7 +178,7 @@ def test_sft_pair_fits_each_adapter_to_its_own_images_and_trains_only_factors(pa
     from ddspo_jax.backbones import resolve_path
 
     unet = UNet2DConditionModel.from_pretrained(resolve_path("tiny") / "unet").eval()
-    sd = load_file(str(__import__("pathlib").Path(summary["export"]) / "winning" / "pytorch_lora_weights.safetensors"))
+    sd = load_file(str(Path(summary["export"]) / "winning" / "pytorch_lora_weights.safetensors"))
     modules = dict(unet.named_modules())
     state = unet.state_dict()
     for k in [k for k in sd if k.endswith("lora_A.weight")]:

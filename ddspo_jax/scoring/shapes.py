@@ -36,7 +36,6 @@ class Shapes:
             if not isinstance(m, dict) or "include" not in m or "prompt" not in m:
                 raise DataError(f"{src}:{lineno}: not a GenEval metadata line (needs prompt and include)")
             self.meta[m["prompt"]] = m
-        self.why: dict = {}
 
     def _line(self, prompt):
         if prompt not in self.meta:
@@ -51,7 +50,5 @@ class Shapes:
 
         out = []
         for img, p in zip(np.asarray(images), prompts):
-            ok, why = judge(img, self._line(p))
-            out.append(1.0 if ok else 0.0)
-            self.why[p] = why
+            out.append(1.0 if judge(img, self._line(p))[0] else 0.0)
         return np.asarray(out)
