@@ -52,6 +52,18 @@ def maybe_initialize_distributed(coordinator: str = "", num_processes: int = 0, 
     return jax.process_count() > 1
 
 
+def barrier(name: str, timeout_s: int = 3600) -> None:
+    """Waits until every process reaches `name` (a coordination-service barrier, not a collective); no-op with
+    one process. Needed before the first collective after uneven host work: gloo gives a process only 30 s
+    to join a new communicator, and one process may load the step from the compilation cache while another
+    compiles it (only process 0 writes cache entries) or is slowed by a shared host."""
+    if jax.process_count() == 1:
+        return
+    import orbax.checkpoint as ocp
+
+    ocp.multihost.get_barrier_sync_fn()(key=f"ddspo_jax/{name}", timeout_ms=timeout_s * 1000)
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
     """Mesh over all devices of all hosts; -1 on one axis takes what the other leaves."""
     devices = jax.devices() if devices is None else devices

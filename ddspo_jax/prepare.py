@@ -258,9 +258,9 @@ def run_prepare(cfg, *, progress: bool = True) -> dict[str, Any]:
     gen_seconds = time.perf_counter() - t_start
 
     if nproc > 1:
-        from jax.experimental import multihost_utils
+        from ddspo_jax import parallel
 
-        multihost_utils.sync_global_devices("ddspo_jax.prepare: all shards written")
+        parallel.barrier("prepare: all shards written")  # not a collective: shards may finish minutes apart
     manifest = None
     if pid == 0:
         missing = [str(paths[s]) for s, a, b in plan if not records.complete_shard(paths[s], b - a)]

@@ -329,6 +329,7 @@ def train(cfg, *, log=print) -> dict:
                         grad_fn = train_step.grad.lower(*args).compile()
                         update_fn = train_step.update.lower(state, acc).compile()
                         log(f"compiled the step in {time.time() - tc:.1f} s" + (f" (cache: {cache})" if cache else ""))
+                        parallel.barrier(f"compiled-{start}")  # the first step's collectives start together
                     cost = grad_fn.cost_analysis()
                     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
                     flops = float((cost or {}).get("flops", 0.0)) * k or None
@@ -389,6 +390,7 @@ def train(cfg, *, log=print) -> dict:
     if cfg.train.export_at_end:  # every process takes part in the restore; process 0 writes
         from ddspo_jax.export import export
 
+        parallel.barrier("export")  # process 0 may still be writing grids or evaluating
         path = export(out, out / "export", overwrite=True, log=log)
         summary["export"] = str(path) if main_process else None
     return summary
