@@ -30,7 +30,8 @@ from jax.sharding import PartitionSpec as P
 from ddspo_jax.errors import ConfigError
 from ddspo_jax import parallel, schedules
 
-SAMPLERS = ("ddim", "pndm", "euler", "flow_euler")
+SAMPLERS = ("ddim", "pndm", "euler", "flow_euler", "flow_dpmpp_2m")
+FLOW_SAMPLERS = ("flow_euler", "flow_dpmpp_2m")
 
 # denoise(params, x [N,H,W,C], t [N] (model timestep values), cond pytree with leading N) -> prediction
 Denoise = Callable[[Any, jax.Array, jax.Array, Any], jax.Array]
@@ -64,9 +65,9 @@ def make_plan(schedule, sampler: str, steps: int, *, steps_offset: int = 1) -> P
     if steps < 1:
         raise ConfigError(f"sampler steps must be >= 1, got {steps}")
     flow = isinstance(schedule, schedules.FlowSchedule)
-    if flow != (sampler == "flow_euler"):
+    if flow != (sampler in FLOW_SAMPLERS):
         raise ConfigError(f"sampler {sampler!r} does not fit a {'flow' if flow else 'DDPM'} schedule "
-                         f"({'flow_euler' if flow else 'ddim | pndm | euler'})")
+                         f"({' | '.join(FLOW_SAMPLERS) if flow else 'ddim | pndm | euler'})")
     T = schedule.num_train_timesteps
     if sampler == "ddim":
         ts = schedule.ddim_timesteps(steps, steps_offset)
@@ -91,8 +92,39 @@ def make_plan(schedule, sampler: str, steps: int, *, steps_offset: int = 1) -> P
         ts, sig = schedule.euler_sigmas(steps, steps_offset)
         # "leading" spacing: diffusers' init_noise_sigma is sqrt(sigma_max^2 + 1)
         return Plan(sampler, float(np.sqrt(sig.max() ** 2 + 1)), {"t": ts, "sigma": sig[:-1], "sigma_next": sig[1:]})
+    if sampler == "flow_dpmpp_2m":
+        return Plan(sampler, 1.0, dpmpp_2m_flow_plan(schedule, steps))
     sig = schedule.sigmas(steps)
     return Plan(sampler, 1.0, {"t": (sig[:-1] * T).astype(np.float32), "s": sig[:-1], "s_next": sig[1:]})
+
+
+def dpmpp_2m_flow_plan(schedule, steps: int) -> dict[str, np.ndarray]:
+    """DPM-Solver++ 2M on flow sigmas (SANA's sampler), as diffusers' `DPMSolverMultistepScheduler(
+    use_flow_sigmas=True, prediction_type="flow_prediction", algorithm_type="dpmsolver++", solver_order=2,
+    final_sigmas_type="zero")` steps: sigmas shifted from linspace(1, 1/T) (the model sees int(1000 sigma), the
+    scheduler's int64 timesteps), alpha = 1 - sigma, lambda = log(alpha / sigma); x0 = x - sigma v; first order
+    on the first and the last step (lower_order_final), else the midpoint second-order update
+      x' = (s'/s) x + b x0 + (b / 2r) (x0 - x0_prev),  b = -alpha' (exp(-h) - 1),  h = lambda' - lambda,
+      r = (lambda - lambda_prev) / h.
+    The per-step constants are computed in float32, as the scheduler computes them on its float32 sigmas."""
+    T, k = schedule.num_train_timesteps, schedule.shift
+    alphas = np.linspace(1, 1 / T, steps + 1)
+    sig = 1.0 - alphas
+    sig = np.flip(k * sig / (1 + (k - 1) * sig))[:-1].copy()
+    t = (sig * T).astype(np.int64)
+    sig = np.concatenate([sig, [0.0]]).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        lam = np.log(1.0 - sig) - np.log(sig)  # +inf at the final sigma 0
+    a, b, c2 = (np.zeros(steps, np.float32) for _ in range(3))
+    for i in range(steps):
+        s, s1 = sig[i], sig[i + 1]
+        h = lam[i + 1] - lam[i]
+        a[i] = s1 / s
+        b[i] = -(1.0 - s1) * np.expm1(-h)
+        if 0 < i < steps - 1:  # second order: the previous x0 exists and this is not the final step
+            r = (lam[i] - lam[i - 1]) / h
+            c2[i] = 0.5 * b[i] / r
+    return {"t": t.astype(np.float32), "s": sig[:-1], "a": a, "b": b, "c2": c2}
 
 
 def _interleave(a, b):
@@ -130,6 +162,12 @@ def sample_loop(denoise: Denoise, params, noise, cond, uncond, *, schedule, plan
             pred = model(x / jnp.sqrt(s["sigma"] ** 2 + 1), s["t"])
             return schedule.euler_step(pred, s["sigma"], s["sigma_next"], x), None
         carry = x
+    elif plan.sampler == "flow_dpmpp_2m":
+        def body(c, s):
+            x, prev = c
+            x0 = x - s["s"] * model(x, s["t"])
+            return (s["a"] * x + s["b"] * x0 + s["c2"] * (x0 - prev), x0), None
+        carry = (x, jnp.zeros_like(x))
     elif plan.sampler == "flow_euler":
         def body(x, s):
             return schedule.euler_step(model(x, s["t"]), s["s"], s["s_next"], x), None
@@ -147,7 +185,7 @@ def sample_loop(denoise: Denoise, params, noise, cond, uncond, *, schedule, plan
             return (x_new, saved, hist), None
         carry = (x, jnp.zeros_like(x), jnp.zeros((3,) + x.shape, x.dtype))
     out, _ = jax.lax.scan(body, carry, xs)
-    return out[0] if plan.sampler == "pndm" else out
+    return out[0] if plan.sampler in ("pndm", "flow_dpmpp_2m") else out
 
 
 def make_sampler(denoise: Denoise, schedule, *, sampler: str, steps: int, guidance: float, mesh=None,

@@ -63,6 +63,10 @@ CASES = [
      schedules.DDPMSchedule()),
     ("flow_euler", lambda: diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
      schedules.FlowSchedule(1000, 3.0)),
+    # SANA's sampler (the paper's App.: 20 steps, CFG 4.5), as SanaPipeline configures it
+    ("flow_dpmpp_2m", lambda: diffusers.DPMSolverMultistepScheduler(
+        use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0, algorithm_type="dpmsolver++",
+        solver_order=2, num_train_timesteps=1000), schedules.FlowSchedule(1000, 3.0)),
 ]
 
 
