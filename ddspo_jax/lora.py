@@ -39,16 +39,20 @@ def target_paths(params, targets=TARGETS) -> list[tuple[str, ...]]:
     return [p for p, v in _paths(params) if p[-1] == "kernel" and len(p) > 1 and p[-2] in targets and v.ndim == 2]
 
 
-def init(params, rank: int, key, targets=TARGETS) -> dict:
-    """{"down_blocks_0__...__to_q": {"a": [in, r], "b": [r, out]}}; A ~ N(0, 1/in), B = 0."""
+def init(params, rank: int, key, targets=TARGETS, a_std: str = "fan_in") -> dict:
+    """{"down_blocks_0__...__to_q": {"a": [in, r], "b": [r, out]}}; B = 0; A ~ N(0, 1/in) ("fan_in"), or
+    N(0, (1/r)^2) ("rank": PEFT's init_lora_weights="gaussian", what the release's SANA LoRA uses)."""
     paths = target_paths(params, targets)
     if not paths:
         raise ConfigError(f"no LoRA targets ({', '.join(targets)}) found in the parameter tree")
+    if a_std not in ("fan_in", "rank"):
+        raise ValueError(f"a_std must be 'fan_in' or 'rank', got {a_std!r}")
     out = {}
     for i, p in enumerate(paths):
         kernel = _get(params, p)
         d_in, d_out = kernel.shape
-        a = jax.random.normal(jax.random.fold_in(key, i), (d_in, rank), jnp.float32) / jnp.sqrt(d_in)
+        std = 1.0 / jnp.sqrt(d_in) if a_std == "fan_in" else 1.0 / rank
+        a = jax.random.normal(jax.random.fold_in(key, i), (d_in, rank), jnp.float32) * std
         out[SEP.join(p[:-1])] = {"a": a, "b": jnp.zeros((rank, d_out), jnp.float32)}
     return out
 

@@ -100,3 +100,39 @@ def test_bad_sana_inputs(tmp_path):
         load_sana(folder)
     with pytest.raises(ConversionError, match="neither a transformer folder"):
         load_sana(tmp_path)
+
+
+def test_lora_forward_and_lora_file_in_the_diffusers_pipeline(tmp_path):
+    """LoRA as the release (rank r, alpha r, A ~ N(0, 1/r^2), B = 0, to_q/k/v of both attentions): our
+    x W + (x A) B forward equals the merged weights, and the exported LoRA file, loaded by diffusers'
+    SanaPipeline.load_lora_weights, gives our output."""
+    import torch
+    from diffusers import SanaPipeline
+
+    from ddspo_jax import lora
+    from ddspo_jax.convert.sana import LORA_TARGETS, export_sana_lora
+
+    ref = torch_sana(tmp_path, "p1")
+    model, params = load_sana(tmp_path / "p1")
+    r = 2
+    factors = lora.init(params, r, jax.random.key(0), targets=LORA_TARGETS, a_std="rank")
+    assert len(factors) == 6 * CONFIGS["p1"]["num_layers"]
+    a0 = np.concatenate([np.asarray(f["a"]).ravel() for f in factors.values()])
+    assert abs(a0.std() - 1.0 / r) < 0.1 / r  # PEFT "gaussian": std 1/r
+    factors = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(1), x.shape), factors)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 8, 8, 4)), jnp.float32)
+    t = jnp.asarray([10.0, 500.0])
+    ctx = jnp.asarray(np.random.default_rng(2).standard_normal((2, 5, 12)), jnp.float32)
+    with lora.forward(factors, float(r)):
+        ours = np.asarray(model.apply({"params": params}, x, t, ctx))
+    merged = np.asarray(model.apply({"params": lora.merge(params, factors, float(r))}, x, t, ctx))
+    assert np.abs(ours - merged).max() <= 1e-5 * np.abs(merged).max()
+    assert np.abs(ours - np.asarray(model.apply({"params": params}, x, t, ctx))).max() > 1e-3  # LoRA acts
+
+    file = export_sana_lora(factors, float(r), tmp_path / "lora" / "pytorch_lora_weights.safetensors")
+    pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=ref, scheduler=None)
+    pipe.load_lora_weights(str(file.parent))
+    with torch.no_grad():
+        want = pipe.transformer(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2)), torch.from_numpy(np.asarray(ctx)),
+                                torch.from_numpy(np.asarray(t))).sample.numpy().transpose(0, 2, 3, 1)
+    assert np.abs(ours - want).max() <= 1e-4 * np.abs(want).max()

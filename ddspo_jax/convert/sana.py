@@ -75,4 +75,22 @@ def export_sana(model: SanaTransformer2DModel | Mapping, params: Mapping[str, An
     return out
 
 
-__all__ = ["ConversionError", "SANA_TABLE", "export_sana", "load_sana"]
+# The release's SANA LoRA: to_q / to_k / to_v of both attentions (linear self-attention and cross-attention).
+LORA_TARGETS = ("attn1_to_q", "attn1_to_k", "attn1_to_v", "attn2_to_q", "attn2_to_k", "attn2_to_v")
+
+
+def export_sana_lora(lora_factors, alpha: float, path: str | os.PathLike) -> Path:
+    """LoRA factors of the SANA transformer -> a diffusers LoRA file (PEFT key names, `transformer.` prefix)
+    that `SanaPipeline.load_lora_weights` reads; module names come from the key table."""
+    from ddspo_jax import lora
+    from ddspo_jax.convert.common import write_safetensors
+
+    name = lambda p: SANA_TABLE.torch_key(p + ("kernel",), 2)[:-len(".weight")]  # noqa: E731
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_safetensors(lora.peft_state_dict(lora_factors, alpha, name, prefix="transformer."), path,
+                      metadata={"format": "pt"})
+    return path
+
+
+__all__ = ["ConversionError", "LORA_TARGETS", "SANA_TABLE", "export_sana", "export_sana_lora", "load_sana"]
