@@ -53,7 +53,8 @@ SCHEMA: dict[str, _F] = {
     "schedule.beta_start": _F(0.00085, "First DDPM beta."),
     "schedule.beta_end": _F(0.012, "Last DDPM beta."),
     "schedule.prediction_type": _F("epsilon", "What the DDPM model predicts.", choices=("epsilon", "v_prediction")),
-    "schedule.flow_shift": _F(3.0, "SANA's timestep shift s' = k s / (1 + (k - 1) s)."),
+    "schedule.flow_shift": _F(3.0, "SANA's sampling timestep shift s' = k s / (1 + (k - 1) s)."),
+    "schedule.train_flow_shift": _F(1.0, "The shift of flow training timesteps (1: uniform sigma, as the release)."),
     "schedule.timestep_sampling": _F(
         "uniform", "Training timestep density. DDPM: uniform | linear | sigmoid; flow: uniform | logit_normal | mode.",
         choices=("uniform", "linear", "sigmoid", "logit_normal", "mode")),

@@ -155,8 +155,13 @@ def shift_sigma(s, shift: float):
 
 @dataclasses.dataclass(frozen=True)
 class FlowSchedule:
+    """Rectified flow. `shift` shapes the sampling sigmas (SANA: 3.0); `train_shift` the training timesteps —
+    1.0 (uniform sigma) by default, as the authors' release trains SANA: its adapter builds
+    FlowMatchEulerDiscreteScheduler from SANA's scheduler config, whose `flow_shift` key it does not read."""
+
     num_train_timesteps: int = 1000
     shift: float = 3.0
+    train_shift: float = 1.0
     kind = "flow"
 
     def add_noise(self, x0, noise, s):
@@ -179,7 +184,7 @@ class FlowSchedule:
     def sample_timesteps(self, key, shape, method: str = "uniform", *, logit_mean=0.0, logit_std=1.0,
                          mode_scale=1.29):
         """Continuous s in (0, 1): uniform, logit-normal u = sigmoid(N(m, s)) or SD3's "mode" density,
-        then SANA's shift."""
+        then the training shift (`train_shift`; 1 leaves u as it is)."""
         if method == "uniform":
             u = jax.random.uniform(key, shape)
         elif method == "logit_normal":
@@ -189,7 +194,7 @@ class FlowSchedule:
             u = 1.0 - u - mode_scale * (jnp.cos(math.pi * u / 2.0) ** 2 - 1.0 + u)
         else:
             raise ValueError(f"flow timestep_sampling must be uniform | logit_normal | mode, got {method!r}")
-        return shift_sigma(u, self.shift)
+        return shift_sigma(u, self.train_shift)
 
     def loss_weight(self, s, kind: str = "none"):
         if kind == "none":
@@ -219,7 +224,7 @@ def from_config(cfg) -> DDPMSchedule | FlowSchedule:
     if cfg.kind == "ddpm":
         return DDPMSchedule(cfg.num_train_timesteps, cfg.beta_schedule, cfg.beta_start, cfg.beta_end,
                             cfg.prediction_type)
-    return FlowSchedule(cfg.num_train_timesteps, cfg.flow_shift)
+    return FlowSchedule(cfg.num_train_timesteps, cfg.flow_shift, cfg.train_flow_shift)
 
 
 def sample_timesteps(schedule, key, shape, cfg):

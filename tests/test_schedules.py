@@ -133,8 +133,11 @@ def test_flow_timestep_sampling():
     mode = np.asarray(f.sample_timesteps(key, (100_000,), "mode", mode_scale=1.29))
     assert mode.min() >= 0 and mode.max() <= 1
     # the shift moves mass to high noise: the median of shifted uniform is 3*0.5/(1+2*0.5) = 0.75
-    shifted = np.asarray(schedules.FlowSchedule(shift=3.0).sample_timesteps(key, (100_000,), "uniform"))
+    shifted = np.asarray(schedules.FlowSchedule(train_shift=3.0).sample_timesteps(key, (100_000,), "uniform"))
     assert abs(np.median(shifted) - 0.75) < 0.01
+    # the sampling shift (3.0, SANA's) leaves training timesteps uniform, as the release trains
+    plain = np.asarray(schedules.FlowSchedule(shift=3.0).sample_timesteps(key, (100_000,), "uniform"))
+    assert abs(np.median(plain) - 0.5) < 0.01
     with pytest.raises(ValueError, match="flow timestep_sampling"):
         f.sample_timesteps(key, (2,), "sigmoid")
 
@@ -147,6 +150,6 @@ def test_loss_weighting_and_from_config():
     cfg.schedule.kind = "flow"
     cfg.schedule.timestep_sampling = "logit_normal"
     f = schedules.from_config(cfg.schedule)
-    assert isinstance(f, schedules.FlowSchedule) and f.shift == 3.0
+    assert isinstance(f, schedules.FlowSchedule) and f.shift == 3.0 and f.train_shift == 1.0
     t = schedules.sample_timesteps(f, jax.random.key(1), (8,), cfg.schedule)
     assert t.shape == (8,)

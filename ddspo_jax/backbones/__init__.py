@@ -46,7 +46,8 @@ def schedule_from_folder(folder: Path, fallback, log=None) -> schedules.DDPMSche
     if "FlowMatch" in sc.get("_class_name", "") or sc.get("use_flow_sigmas"):
         taken = {"kind": "flow", "num_train_timesteps": sc.get("num_train_timesteps", 1000),
                  "flow_shift": sc.get("shift", sc.get("flow_shift", 3.0))}
-        out = schedules.FlowSchedule(taken["num_train_timesteps"], taken["flow_shift"])
+        out = schedules.FlowSchedule(taken["num_train_timesteps"], taken["flow_shift"],
+                                     (fallback or {}).get("train_flow_shift", 1.0))
     else:
         taken = {"kind": "ddpm", "num_train_timesteps": sc.get("num_train_timesteps", 1000),
                  "beta_schedule": sc.get("beta_schedule", "scaled_linear"), "beta_start": sc.get("beta_start", 0.00085),
