@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddspo_jax.models.layers import resize_nearest
+from ddspo_jax.models.layers import ChannelRMSNorm, GLUMBConv, resize_nearest
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -107,22 +107,6 @@ def _conv(n, k, name, stride=1, bias=True, groups=1, dtype=jnp.float32, param_dt
                    feature_group_count=groups, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-class ChannelRMSNorm(nn.Module):
-    """diffusers RMSNorm(eps=1e-5, elementwise_affine=True, bias=True) over the channel axis (last, in NHWC)."""
-
-    eps: float = 1e-5
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        c = x.shape[-1]
-        w = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
-        b = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-        xf = x.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + self.eps)
-        return (y * w + b).astype(x.dtype)
-
-
 class BatchNorm(nn.Module):
     """Eval-mode BatchNorm2d (running statistics are frozen weights here: DC-AE is never trained)."""
 
@@ -157,28 +141,6 @@ class ResBlock(nn.Module):
         h = _ACT[self.act](_conv(x.shape[-1], 3, "conv1", **kw)(x))
         h = _conv(self.channels, 3, "conv2", bias=False, **kw)(h)
         return _norm(self.norm, "norm", self.param_dtype)(h) + x
-
-
-class GLUMBConv(nn.Module):
-    """diffusers GLUMBConv with the optional channel RMSNorm and residual (SANA's Mix-FFN uses neither)."""
-
-    out_channels: int
-    expand_ratio: float = 4.0
-    norm: bool = True
-    residual: bool = True
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        hidden = int(self.expand_ratio * x.shape[-1])
-        h = nn.silu(_conv(2 * hidden, 1, "conv_inverted", **kw)(x))
-        h = _conv(2 * hidden, 3, "conv_depth", groups=2 * hidden, **kw)(h)
-        h = _conv(self.out_channels, 1, "conv_point", bias=False, **kw)(h[..., :hidden] * nn.silu(h[..., hidden:]))
-        if self.norm:
-            h = ChannelRMSNorm(1e-5, self.param_dtype, name="norm")(h)
-        return h + x if self.residual else h
 
 
 class MultiscaleProjection(nn.Module):

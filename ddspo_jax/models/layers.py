@@ -241,3 +241,42 @@ class TimestepEmbedding(nn.Module):
     def __call__(self, x):
         x = nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_1")(x)
         return nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_2")(nn.silu(x))
+
+
+class ChannelRMSNorm(nn.Module):
+    """diffusers RMSNorm(eps=1e-5, elementwise_affine=True, bias=True) over the channel axis (last, in NHWC)."""
+
+    eps: float = 1e-5
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        w = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        b = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + self.eps)
+        return (y * w + b).astype(x.dtype)
+
+
+class GLUMBConv(nn.Module):
+    """diffusers GLUMBConv with the optional channel RMSNorm and residual (SANA's Mix-FFN uses neither)."""
+
+    out_channels: int
+    expand_ratio: float = 4.0
+    norm: bool = True
+    residual: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        hidden = int(self.expand_ratio * x.shape[-1])
+        conv = lambda n, k, name, **kw: nn.Conv(n, (k, k), padding=((k // 2, k // 2),) * 2, dtype=self.dtype,  # noqa: E731
+                                                param_dtype=self.param_dtype, name=name, **kw)
+        h = nn.silu(conv(2 * hidden, 1, "conv_inverted")(x))
+        h = conv(2 * hidden, 3, "conv_depth", feature_group_count=2 * hidden)(h)
+        h = conv(self.out_channels, 1, "conv_point", use_bias=False)(h[..., :hidden] * nn.silu(h[..., hidden:]))
+        if self.norm:
+            h = ChannelRMSNorm(1e-5, self.param_dtype, name="norm")(h)
+        return h + x if self.residual else h

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddspo_jax.models.layers import TimestepEmbedding, attention, check_remat_policy, timestep_embedding, unit
+from ddspo_jax.models.layers import (GLUMBConv, TimestepEmbedding, attention, check_remat_policy,
+                                     timestep_embedding, unit)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -170,7 +171,7 @@ class SanaTransformerBlock(nn.Module):
         x = x + _out(self, "attn2", a)
 
         h = LayerNorm(c.norm_eps, c.norm_elementwise_affine, pd, name="norm2")(x) * (1 + scale_mlp) + shift_mlp
-        h = GLUMBConv(dim, c.mlp_ratio, d, pd, name="ff")(h.astype(x.dtype).reshape(b, *hw, dim))
+        h = GLUMBConv(dim, c.mlp_ratio, norm=False, residual=False, dtype=d, param_dtype=pd, name="ff")(h.astype(x.dtype).reshape(b, *hw, dim))
         return x + gate_mlp * h.reshape(b, -1, dim)
 
 
@@ -182,23 +183,6 @@ def _proj(block, attn: str, name: str, n: int, x, bias: bool = True):
 def _out(block, attn: str, x):
     return nn.Dense(block.config.inner_dim, dtype=block.dtype, param_dtype=block.param_dtype,
                     name=f"{attn}_to_out_0")(x)
-
-
-class GLUMBConv(nn.Module):
-    out_channels: int
-    expand_ratio: float
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        hidden = int(self.expand_ratio * x.shape[-1])
-        conv = lambda n, k, name, **kw: nn.Conv(n, (k, k), padding=((k // 2, k // 2),) * 2, dtype=self.dtype,  # noqa: E731
-                                                param_dtype=self.param_dtype, name=name, **kw)
-        x = nn.silu(conv(2 * hidden, 1, "conv_inverted")(x))
-        x = conv(2 * hidden, 3, "conv_depth", feature_group_count=2 * hidden)(x)
-        x, gate = x[..., :hidden], x[..., hidden:]
-        return conv(self.out_channels, 1, "conv_point", use_bias=False)(x * nn.silu(gate))
 
 
 class SanaTransformer2DModel(nn.Module):
