@@ -110,7 +110,7 @@ def dpmpp_2m_flow_plan(schedule, steps: int) -> dict[str, np.ndarray]:
     T, k = schedule.num_train_timesteps, schedule.shift
     alphas = np.linspace(1, 1 / T, steps + 1)
     sig = 1.0 - alphas
-    sig = np.flip(k * sig / (1 + (k - 1) * sig))[:-1].copy()
+    sig = np.flip(schedules.shift_sigma(sig, k))[:-1].copy()
     t = (sig * T).astype(np.int64)
     sig = np.concatenate([sig, [0.0]]).astype(np.float32)
     with np.errstate(divide="ignore"):

@@ -63,3 +63,11 @@ def test_encode_prompt_matches_sana_pipeline(pipeline, max_len):
     np.testing.assert_array_equal(neg["prompt_attention_mask"], nm.numpy())
     for a, b in ((got["prompt_embeds"], pe.numpy()), (neg["prompt_embeds"], ne.numpy())):
         assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max(), np.abs(a - b).max()
+
+
+def test_missing_tokenizer_is_named(tmp_path):
+    from ddspo_jax.convert.common import ConversionError
+
+    (tmp_path / "tokenizer").mkdir()
+    with pytest.raises(ConversionError, match="no usable Gemma tokenizer"):
+        load_gemma_tokenizer(tmp_path / "tokenizer")

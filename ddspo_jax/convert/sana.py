@@ -7,6 +7,7 @@ paths. One table serves load and export.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -58,8 +59,6 @@ def export_sana(model: SanaTransformer2DModel | Mapping, params: Mapping[str, An
                 dtype: Any = "float32") -> Path:
     """Flax params -> a diffusers transformer folder (`diffusion_pytorch_model.safetensors` + config.json).
     `model` is the module (its config is written from the dataclass) or the original diffusers config dict."""
-    import dataclasses
-
     if isinstance(model, SanaTransformer2DModel):
         config = {"_class_name": "SanaTransformer2DModel", **dataclasses.asdict(model.config)}
     else:

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddspo_jax.models.layers import ChannelRMSNorm, GLUMBConv, resize_nearest
+from ddspo_jax.models.layers import GLUMBConv, RMSNorm, conv, resize_nearest
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -103,8 +103,7 @@ def pixel_shuffle(x, r: int = 2):
 
 
 def _conv(n, k, name, stride=1, bias=True, groups=1, dtype=jnp.float32, param_dtype=jnp.float32):
-    return nn.Conv(n, (k, k), strides=(stride, stride), padding=((k // 2, k // 2),) * 2, use_bias=bias,
-                   feature_group_count=groups, dtype=dtype, param_dtype=param_dtype, name=name)
+    return conv(n, k, dtype, param_dtype, name, stride, use_bias=bias, feature_group_count=groups)
 
 
 class BatchNorm(nn.Module):
@@ -125,7 +124,7 @@ class BatchNorm(nn.Module):
 
 
 def _norm(kind: str, name: str, pd):
-    return ChannelRMSNorm(1e-5, pd, name=name) if kind == "rms_norm" else BatchNorm(1e-5, pd, name=name)
+    return RMSNorm(1e-5, pd, use_bias=True, name=name) if kind == "rms_norm" else BatchNorm(1e-5, pd, name=name)
 
 
 class ResBlock(nn.Module):
@@ -307,7 +306,7 @@ class Decoder(nn.Module):
             for j in range(layers[i]):
                 x = _block(c.decoder_block_types[i], ch[i], c.attention_head_dim, c.decoder_norm_types[i],
                            c.decoder_act_fns[i], c.decoder_qkv_multiscales[i], f"up_blocks_{i}_{j0 + j}", kw)(x)
-        x = _ACT[c.decoder_conv_act_fn](ChannelRMSNorm(1e-5, self.param_dtype, name="norm_out")(x))
+        x = _ACT[c.decoder_conv_act_fn](RMSNorm(1e-5, self.param_dtype, use_bias=True, name="norm_out")(x))
         if layers[0] > 0:
             return _conv(c.in_channels, 3, "conv_out", **kw)(x)
         return UpBlock(c.in_channels, interpolate, shortcut=False, name="conv_out", **kw)(x)

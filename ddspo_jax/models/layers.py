@@ -92,28 +92,33 @@ class GroupNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm over the last axis in float32, output cast back to the input dtype."""
+    """LayerNorm over the last axis in float32, output cast back to the input dtype; `affine=False` is
+    diffusers' elementwise_affine=False (no parameters)."""
 
     epsilon: float = 1e-5
     param_dtype: Dtype = jnp.float32
+    affine: bool = True
 
     @nn.compact
     def __call__(self, x):
         c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
         xf = x.astype(jnp.float32)
         mean = xf.mean(-1, keepdims=True)
         var = jnp.square(xf - mean).mean(-1, keepdims=True)
         y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+        if self.affine:
+            scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+            bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+            y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(x.dtype)
 
 
-def conv(features: int, kernel: int, dtype, param_dtype, name: str, stride: int = 1, padding=None):
-    """nn.Conv with PyTorch-style symmetric padding `(kernel - 1) // 2` unless given."""
+def conv(features: int, kernel: int, dtype, param_dtype, name: str, stride: int = 1, padding=None, **kw):
+    """nn.Conv with PyTorch-style symmetric padding `(kernel - 1) // 2` unless given; `kw` goes to nn.Conv
+    (use_bias, feature_group_count)."""
     p = (kernel - 1) // 2 if padding is None else padding
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)),
-                   dtype=dtype, param_dtype=param_dtype, name=name)
+                   dtype=dtype, param_dtype=param_dtype, name=name, **kw)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, impl: Optional[str] = None,
@@ -243,20 +248,23 @@ class TimestepEmbedding(nn.Module):
         return nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_2")(nn.silu(x))
 
 
-class ChannelRMSNorm(nn.Module):
-    """diffusers RMSNorm(eps=1e-5, elementwise_affine=True, bias=True) over the channel axis (last, in NHWC)."""
+class RMSNorm(nn.Module):
+    """diffusers' RMSNorm with a weight (and, with use_bias, a bias) over the last axis: float32 statistics,
+    output in the input dtype. DC-AE's channel norms have the bias, SANA's caption norm has not."""
 
     eps: float = 1e-5
     param_dtype: Any = jnp.float32
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x):
         c = x.shape[-1]
-        w = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
-        b = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + self.eps)
-        return (y * w + b).astype(x.dtype)
+        y = y * self.param("scale", nn.initializers.ones, (c,), self.param_dtype).astype(jnp.float32)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (c,), self.param_dtype).astype(jnp.float32)
+        return y.astype(x.dtype)
 
 
 class GLUMBConv(nn.Module):
@@ -272,11 +280,10 @@ class GLUMBConv(nn.Module):
     @nn.compact
     def __call__(self, x):
         hidden = int(self.expand_ratio * x.shape[-1])
-        conv = lambda n, k, name, **kw: nn.Conv(n, (k, k), padding=((k // 2, k // 2),) * 2, dtype=self.dtype,  # noqa: E731
-                                                param_dtype=self.param_dtype, name=name, **kw)
-        h = nn.silu(conv(2 * hidden, 1, "conv_inverted")(x))
-        h = conv(2 * hidden, 3, "conv_depth", feature_group_count=2 * hidden)(h)
-        h = conv(self.out_channels, 1, "conv_point", use_bias=False)(h[..., :hidden] * nn.silu(h[..., hidden:]))
+        d, pd = self.dtype, self.param_dtype
+        h = nn.silu(conv(2 * hidden, 1, d, pd, "conv_inverted")(x))
+        h = conv(2 * hidden, 3, d, pd, "conv_depth", feature_group_count=2 * hidden)(h)
+        h = conv(self.out_channels, 1, d, pd, "conv_point", use_bias=False)(h[..., :hidden] * nn.silu(h[..., hidden:]))
         if self.norm:
-            h = ChannelRMSNorm(1e-5, self.param_dtype, name="norm")(h)
+            h = RMSNorm(1e-5, pd, use_bias=True, name="norm")(h)
         return h + x if self.residual else h

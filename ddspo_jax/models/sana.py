@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddspo_jax.models.layers import (GLUMBConv, TimestepEmbedding, attention, check_remat_policy,
-                                     timestep_embedding, unit)
+from ddspo_jax.models.layers import (GLUMBConv, LayerNorm, RMSNorm, TimestepEmbedding, attention,
+                                     check_remat_policy, timestep_embedding, unit)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -64,11 +64,11 @@ class SanaConfig:
     def from_dict(cls, config: Mapping[str, Any]) -> "SanaConfig":
         if config.get("_class_name") not in (None, "SanaTransformer2DModel"):
             raise ValueError(f"_class_name {config.get('_class_name')!r} is not SanaTransformer2DModel")
-        for key, off in (("guidance_embeds", False), ("qk_norm", None), ("cross_attention_dim", "set")):
-            if off != "set" and config.get(key, off) != off:
+        for key, off in (("guidance_embeds", False), ("qk_norm", None)):
+            if config.get(key, off) != off:
                 raise ValueError(f"SANA config {key}={config[key]!r} (SANA-Sprint / SANA-1.5 variants) is not "
                                  "supported; SANA 600M/1600M have guidance_embeds false and qk_norm null")
-        if config.get("cross_attention_dim", 1) is None:
+        if "cross_attention_dim" in config and config["cross_attention_dim"] is None:
             raise ValueError("SANA config cross_attention_dim=null (no cross-attention) is not supported")
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: config[k] for k in fields if k in config and config[k] is not None}
@@ -99,38 +99,6 @@ def sincos_pos_embed(dim: int, h: int, w: int, base_size: int, interpolation_sca
     return np.concatenate([one(dim // 2, grid[0]), one(dim // 2, grid[1])], 1).astype(np.float32)
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm over the last axis in float32, optionally affine (diffusers' norms with elementwise_affine)."""
-
-    eps: float
-    affine: bool = False
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        xf = x.astype(jnp.float32)
-        mean = xf.mean(-1, keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + self.eps)
-        if self.affine:
-            y = y * self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype) \
-                + self.param("bias", nn.initializers.zeros, (x.shape[-1],), self.param_dtype)
-        return y.astype(x.dtype)
-
-
-class RMSNorm(nn.Module):
-    """diffusers' RMSNorm with a weight: float32 statistics, output in the input dtype."""
-
-    eps: float
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        w = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-        xf = x.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + self.eps)
-        return (y * w.astype(jnp.float32)).astype(x.dtype)
-
-
 def linear_attention(q, k, v, heads: int):
     """SANA's ReLU linear attention in float32; q, k, v [B, N, heads*D] (q, k already ReLU'd) -> [B, N, C]."""
     b, n, c = q.shape
@@ -155,7 +123,7 @@ class SanaTransformerBlock(nn.Module):
         mods = table[None].astype(temb.dtype) + temb.reshape(b, 6, dim)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (mods[:, i:i + 1] for i in range(6))
 
-        h = (LayerNorm(c.norm_eps)(x) * (1 + scale_msa) + shift_msa).astype(x.dtype)
+        h = (LayerNorm(c.norm_eps, affine=False)(x) * (1 + scale_msa) + shift_msa).astype(x.dtype)
         q = jax.nn.relu(_proj(self, "attn1", "to_q", dim, h, c.attention_bias))
         k = jax.nn.relu(_proj(self, "attn1", "to_k", dim, h, c.attention_bias))
         v = _proj(self, "attn1", "to_v", dim, h, c.attention_bias)
@@ -170,8 +138,9 @@ class SanaTransformerBlock(nn.Module):
         a = attention(q, k, v, c.num_cross_attention_heads, self.attention_impl, mask=mask)
         x = x + _out(self, "attn2", a)
 
-        h = LayerNorm(c.norm_eps, c.norm_elementwise_affine, pd, name="norm2")(x) * (1 + scale_mlp) + shift_mlp
-        h = GLUMBConv(dim, c.mlp_ratio, norm=False, residual=False, dtype=d, param_dtype=pd, name="ff")(h.astype(x.dtype).reshape(b, *hw, dim))
+        h = LayerNorm(c.norm_eps, pd, c.norm_elementwise_affine, name="norm2")(x) * (1 + scale_mlp) + shift_mlp
+        h = GLUMBConv(dim, c.mlp_ratio, norm=False, residual=False, dtype=d, param_dtype=pd, name="ff")(
+            h.astype(x.dtype).reshape(b, *hw, dim))
         return x + gate_mlp * h.reshape(b, -1, dim)
 
 
@@ -240,7 +209,7 @@ class SanaTransformer2DModel(nn.Module):
 
         table = self.param("scale_shift_table", nn.initializers.normal(dim ** -0.5), (2, dim), pd)
         mods = table[None].astype(t_emb.dtype) + t_emb[:, None]
-        x = LayerNorm(1e-6)(x) * (1 + mods[:, 1:2]) + mods[:, 0:1]
+        x = LayerNorm(1e-6, affine=False)(x) * (1 + mods[:, 1:2]) + mods[:, 0:1]
         x = nn.Dense(p * p * c.out, dtype=d, param_dtype=pd, name="proj_out")(x.astype(d))
         x = x.reshape(b, *hw, p, p, c.out).transpose(0, 1, 3, 2, 4, 5)
         return x.reshape(b, hw[0] * p, hw[1] * p, c.out)
