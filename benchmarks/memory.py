@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from ddspo_jax import parallel, schedules  # noqa: E402
 from ddspo_jax import step as step_lib  # noqa: E402
-from ddspo_jax.backbones import Backbone  # noqa: E402
+from ddspo_jax.backbones.sd import from_unet  # noqa: E402
 from ddspo_jax.config import base_config, validate  # noqa: E402
 from ddspo_jax.models.unet import UNet2DConditionModel, count_params, in_unit  # noqa: E402
 
@@ -101,7 +101,7 @@ def measure_config(config: dict, hw: int, mesh, per_dev: int, remat: str, optimi
     cfg.train.batch_size, cfg.train.micro_batch_per_device = 2 * per_dev * mesh.size, per_dev  # 2 micro-batches
     validate(cfg)
     schedule = schedules.from_config(cfg.schedule)
-    backbone = Backbone(family, Path("."), model, None, schedule)
+    backbone = from_unet(model, schedule)
     params = model.init_shapes()
     ref = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, cd), params)
     opt, _ = step_lib.make_optimizer(cfg, 1e-5)

@@ -52,7 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from ddspo_jax import parallel, schedules  # noqa: E402
 from ddspo_jax import step as step_lib  # noqa: E402
-from ddspo_jax.backbones import Backbone, load_backbone  # noqa: E402
+from ddspo_jax.backbones import load_backbone  # noqa: E402
+from ddspo_jax.backbones.sd import from_unet  # noqa: E402
 from ddspo_jax.config import base_config, learning_rate, validate  # noqa: E402
 from ddspo_jax.models.unet import UNet2DConditionModel, count_params  # noqa: E402
 
@@ -213,9 +214,9 @@ def cpu_compare(args) -> None:
 
     # --- JAX, built as ddspo_jax/train.py builds it ---------------------------------------------------
     mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
-    params_shape = jax.eval_shape(lambda: backbone.unet_params)
+    params_shape = jax.eval_shape(lambda: backbone.params)
     optimizer, _ = step_lib.make_optimizer(cfg, lr)
-    ref_params = parallel.shard_tree(backbone.unet_params, mesh)
+    ref_params = parallel.shard_tree(backbone.params, mesh)
     state = step_lib.create_state(ref_params, optimizer, mesh)
     train_step = step_lib.make_train_step(backbone.denoise, backbone.schedule, cfg, mesh, optimizer, params_shape)
     key = jax.device_put(jax.random.key(cfg.seed), parallel.NamedSharding(mesh, parallel.P()))
@@ -266,7 +267,7 @@ def cpu_compare(args) -> None:
     assert train_step.grad._cache_size() == 1 and train_step.update._cache_size() == 1, "the JAX step recompiled"
 
     j_ms, t_ms = 1e3 * median(jt), 1e3 * median(tt)
-    print(f"CPU, small SD-1.x-like diffusers UNet ({count_params(backbone.unet_params) / 1e6:.2f}M params), "
+    print(f"CPU, small SD-1.x-like diffusers UNet ({count_params(backbone.params) / 1e6:.2f}M params), "
           f"{size}x{size}x4 latents, {TOKENS}x{SMALL['cross_attention_dim']} text, float32; objective ddspo, "
           f"beta {cfg.train.beta:g}, AdamW lr {lr:.3g}, grad clip {cfg.train.grad_clip:g}; "
           f"batch {B} pairs in {B // micro} micro-batch(es) of {micro}")
@@ -335,7 +336,7 @@ def accel_one(name, unet_config, hw, batch, micro, cfg_name, steps, warmup, smok
                                              remat_policy=cfg.model.remat_policy)
     c = model.config
     family = "sdxl" if c.addition_embed_type == "text_time" else "sd"
-    backbone = Backbone(family, Path("."), model, None, schedules.from_config(cfg.schedule))
+    backbone = from_unet(model, schedules.from_config(cfg.schedule))
     mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     params_shape = model.init_shapes()
     ref_params = jax.jit(lambda: model.init(jax.random.PRNGKey(0), *model.dummy_inputs())["params"],

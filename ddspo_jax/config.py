@@ -32,7 +32,8 @@ SCHEMA: dict[str, _F] = {
     "seed": _F(0, "Root PRNG seed; step, process and pair indices are folded into it."),
     "output_dir": _F("runs/default", "Checkpoints, TensorBoard events, samples and exports go here."),
     # --- model -----------------------------------------------------------------------------
-    "model.family": _F("sd", "Backbone family.", choices=("sd", "sdxl", "sana")),
+    "model.family": _F("", "Backbone family ('': detected from model.path's model_index.json; when set, it must "
+                           "agree). Names: ddspo_jax.backbones.FAMILY_NAMES."),
     "model.path": _F("", "Base model: a diffusers pipeline folder."),
     "model.dtype": _F("bfloat16", "Compute dtype.", choices=("float32", "bfloat16", "float16")),
     "model.param_dtype": _F("float32", "Master weight dtype.", choices=("float32", "bfloat16")),
@@ -143,8 +144,8 @@ SCHEMA: dict[str, _F] = {
                             choices=("bfloat16", "float16", "float32")),
     # --- prepare: the reference model's sampler ------------------------------------------------
     "prepare.batch_size": _F(16, "Prompts per sampler call per process (a pair is 2 samples, x2 again for CFG)."),
-    "prepare.sampler": _F("", "'' (family default, backbones.DEFAULTS) | ddim | pndm | euler | flow_euler.",
-                          choices=("", "ddim", "pndm", "euler", "flow_euler")),
+    "prepare.sampler": _F("", "'' (the family's paper default, Backbone.defaults) | ddim | pndm | euler | flow_euler | flow_dpmpp_2m.",
+                          choices=("", "ddim", "pndm", "euler", "flow_euler", "flow_dpmpp_2m")),
     "prepare.steps": _F(0, "Sampler steps (0: family default: SD 25, SDXL 25, SANA 20)."),
     "prepare.guidance": _F(None, "CFG scale (None: family default: SD 7.5, SDXL 5.0, SANA 4.5).", float),
     "prepare.resolution": _F(0, "Image resolution in pixels (0: the model's default, unet sample_size x VAE scale)."),

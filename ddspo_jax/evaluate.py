@@ -347,6 +347,8 @@ class TrainingEval:
 
 
 def parse_args(argv=None):
+    from ddspo_jax.sampling import SAMPLERS
+
     ap = argparse.ArgumentParser(prog="python -m ddspo_jax.evaluate", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
@@ -367,7 +369,7 @@ def parse_args(argv=None):
     ap.add_argument("--step", type=int, default=None, help="checkpoint step of a run folder (default latest)")
     ap.add_argument("--steps", type=int, default=0, help="sampler steps (0: family default)")
     ap.add_argument("--guidance", type=float, default=None, help="CFG scale (default: family default)")
-    ap.add_argument("--sampler", default="", choices=("", "ddim", "pndm", "euler", "flow_euler"))
+    ap.add_argument("--sampler", default="", choices=("",) + SAMPLERS)
     ap.add_argument("--resolution", type=int, default=0, help="pixels (0: the model's default)")
     ap.add_argument("--batch", type=int, default=8, help="images per generation / scoring call")
     ap.add_argument("--dtype", default="", choices=("", "float32", "bfloat16"),

@@ -1,10 +1,11 @@
 """Turn a training run's Orbax checkpoint back into a diffusers pipeline folder.
 
-  python -m ddspo_jax.export --run runs/sdxl --out exported/sdxl-ddspo [--step N] [--dtype fp16]
+  python -m ddspo_jax.export --run runs/sd15 --out exported/sd15-ddspo [--step N] [--dtype fp16]
 
-The fine-tuned UNet (LoRA merged when the run used it) is written through the UNet key table; the base
-model's other components (text encoders, tokenizers, VAE, scheduler, model_index.json) are copied (or,
-with --link, symlinked) unchanged, so `diffusers.*Pipeline.from_pretrained(out)` loads the result.
+The fine-tuned denoiser (UNet or SANA transformer; LoRA merged when the run used it) is written through its
+family's key table; the base model's other components (text encoders, tokenizers, VAE, scheduler,
+model_index.json) are copied (or, with --link, symlinked) unchanged, so `diffusers.*Pipeline.from_pretrained(out)`
+loads the result. A LoRA run also writes its factors as a diffusers LoRA file (`load_lora_weights`).
 """
 
 from __future__ import annotations
@@ -71,9 +72,16 @@ def lora_alpha(cfg: dict) -> float:
     return float(cfg["model"].get("lora_alpha") or cfg["model"]["lora_rank"])
 
 
+def base_family(base: Path):
+    """The Backbone class of a run's base model folder."""
+    from ddspo_jax.backbones import detect_family, family_class
+
+    return family_class(detect_family(base))
+
+
 def merge_trained(params, cfg: dict, base: Path, adapter: str = "w"):
-    """A checkpoint's trainable params -> the trained UNet's params (numpy): LoRA factors merged into the base
-    (an sft_pair run: its `adapter`, "w" the winning or "l" the losing one). Host only: no collectives."""
+    """A checkpoint's trainable params -> the trained denoiser's params (numpy): LoRA factors merged into the
+    base (an sft_pair run: its `adapter`, "w" the winning or "l" the losing one). Host only: no collectives."""
     import jax
     import numpy as np
 
@@ -81,20 +89,18 @@ def merge_trained(params, cfg: dict, base: Path, adapter: str = "w"):
 
     if cfg["model"].get("lora_rank", 0) <= 0:
         return params
-    from ddspo_jax.convert import load_unet
-
     if cfg["train"].get("objective") == "sft_pair":
         params = params[adapter]
-    _, base_params = load_unet(base, on_host=True)
+    _, base_params = base_family(base).load_denoiser(base, np.float32, np.float32)
     return jax.tree.map(np.asarray, lora.merge(base_params, params, lora_alpha(cfg)))
 
 
 def restore_trained_params(run: Path, step: int | None = None, adapter: str = "w"):
-    """(params of the trained UNet as numpy, step, run config, base folder); LoRA factors merged in."""
+    """(params of the trained denoiser as numpy, step, run config, base folder); LoRA factors merged in."""
     from ddspo_jax.backbones import resolve_path as resolve_model_path
 
     params, step, cfg = restore_checkpoint_params(run, step)
-    base = resolve_model_path(cfg["model"]["path"], cfg["model"]["family"])
+    base = resolve_model_path(cfg["model"]["path"], cfg["model"].get("family", ""))
     return merge_trained(params, cfg, base, adapter), step, cfg, base
 
 
@@ -105,12 +111,13 @@ def export_pair(run: Path, out: Path, step: int | None = None, log=print) -> Pat
     """An sft_pair run -> `<out>/winning/` and `<out>/losing/`, each a diffusers LoRA file."""
     import jax
 
-    from ddspo_jax.convert.unet import export_lora
+    from ddspo_jax.backbones import resolve_path as resolve_model_path
 
     params, step, cfg = restore_checkpoint_params(run, step)
     if jax.process_index() == 0:
+        family = base_family(resolve_model_path(cfg["model"]["path"], cfg["model"].get("family", "")))
         for name, key in (("winning", "w"), ("losing", "l")):
-            export_lora(params[key], lora_alpha(cfg), out / name / LORA_FILE)
+            family.export_lora(params[key], lora_alpha(cfg), out / name / LORA_FILE)
         log(f"exported the winning and losing adapters of step {step} of {run} to {out}/winning and {out}/losing "
             f"({LORA_FILE}, PEFT key names: pipeline.load_lora_weights reads them)")
     return out
@@ -118,9 +125,6 @@ def export_pair(run: Path, out: Path, step: int | None = None, log=print) -> Pat
 
 def export(run: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None, dtype: str = "fp32",
            unet_only: bool = False, overwrite: bool = False, link: bool = False, log=print) -> Path:
-    from ddspo_jax.convert import export_unet
-    from ddspo_jax.convert.common import read_config
-
     import jax
 
     run, out = Path(run), Path(out)
@@ -133,21 +137,19 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, step: int | None =
         return out
     from ddspo_jax.backbones import resolve_path as resolve_model_path
 
-    base = resolve_model_path(cfg["model"]["path"], cfg["model"]["family"])
+    base = resolve_model_path(cfg["model"]["path"], cfg["model"].get("family", ""))
+    family = base_family(base)
     params = merge_trained(raw, cfg, base)
-    unet_cfg = read_config(base / "unet")
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        export_unet(unet_cfg, params, tmp if unet_only else tmp / "unet", dtype=dtype)
+        family.export_denoiser(base, params, tmp if unet_only else tmp / family.denoiser_folder, dtype=dtype)
         if cfg["model"].get("lora_rank", 0) > 0:  # the factors too, as a diffusers LoRA file
-            from ddspo_jax.convert.unet import export_lora
-
-            export_lora(raw, lora_alpha(cfg), tmp / LORA_FILE)
+            family.export_lora(raw, lora_alpha(cfg), tmp / LORA_FILE)
         if not unet_only:
             for item in sorted(base.iterdir()):
-                if item.name in ("unet",) or item.name.startswith("."):
+                if item.name == family.denoiser_folder or item.name.startswith(".") or item.name == "ddspo_tiny.json":
                     continue
                 dst = tmp / item.name
                 if link:
@@ -161,19 +163,22 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, step: int | None =
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"exported step {step} of {run} ({'UNet only' if unet_only else 'full pipeline'}, {dtype}) to {out}")
+    log(f"exported step {step} of {run} ({family.denoiser_folder + ' only' if unet_only else 'full pipeline'}, "
+        f"{dtype}) to {out}")
     return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ddspo_jax.export", description=__doc__.split("\n\n")[0],
                                  epilog="The base model is the run's config.model.path; its components other "
-                                        "than the UNet are copied unchanged.")
+                                        "than the denoiser are copied unchanged.")
     ap.add_argument("--run", required=True, help="training output folder (config.output_dir of the run)")
     ap.add_argument("--out", required=True, help="folder to write the diffusers pipeline into")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    ap.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="dtype of the written UNet")
-    ap.add_argument("--unet-only", action="store_true", help="write only the UNet (config.json + weights)")
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+                    help="dtype of the written denoiser")
+    ap.add_argument("--unet-only", action="store_true",
+                    help="write only the denoiser (UNet or SANA transformer: config.json + weights)")
     ap.add_argument("--link", action="store_true", help="symlink the unchanged components instead of copying")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     a = ap.parse_args(argv)

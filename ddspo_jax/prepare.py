@@ -140,18 +140,11 @@ def _check_settings(out: Path, settings: dict, write: bool) -> None:
         os.replace(tmp, path)
 
 
-def _cond_shapes(shard: Path) -> dict[str, tuple]:
-    """{name: shape} of the conditioning, from a finished shard's first record (when nothing was sampled)."""
-    from array_record.python.array_record_module import ArrayRecordReader
-
-    from ddspo_jax.data.records import decode_record
-
-    reader = ArrayRecordReader(str(shard))
-    try:
-        rec = decode_record(reader.read([0])[0], where=f"{shard}: record 0")
-    finally:
-        reader.close()
-    return {k: tuple(np.shape(v)) for k, v in rec["cond"].items()}
+def _cond_shapes(bb, cond_mode: str) -> dict[str, tuple]:
+    """{name: shape} of one prompt's full conditioning (records may hold a shorter prefix: record_cond), from
+    the encoder itself, for when every shard already existed and nothing was encoded in this run."""
+    enc = bb.encode_ids([""]) if cond_mode == "token_ids" else bb.encode([""])
+    return {k: tuple(np.shape(v)[1:]) for k, v in enc.items()}
 
 
 class PairGenerator:
@@ -162,7 +155,7 @@ class PairGenerator:
 
         self.bb, self.s = bb, settings
         self.generate = sampling.Generator(bb, settings, mesh)
-        self.params = sampling.replicate(bb.unet_params, mesh)
+        self.params = sampling.replicate(bb.params, mesh)
         self.cond_shapes: dict[str, tuple] = {}
 
     def __call__(self, indices, perts) -> list:
@@ -181,11 +174,12 @@ class PairGenerator:
         lat = self.generate(self.params, cond, noise)
         x0_w, x0_l = (lat, None) if eff else (lat[0::2], lat[1::2])
         if self.s.get("cond_mode", "embeddings") == "token_ids":  # records keep ids; train encodes them
-            enc = self.bb.encoder.encode_ids_cond(texts)
+            enc = self.bb.encode_ids(texts)
             self.cond_shapes = {k: tuple(v.shape[1:]) for k, v in enc.items()}
+        row = lambda j: self.bb.record_cond({k: v[j] for k, v in enc.items()})  # noqa: E731
         return [PairRecord(index=int(i), prompt=p.prompt, neg_prompt=p.neg_prompt, strategy=p.used,
                            seed=self.s["seed"], x0_w=x0_w[j], x0_l=None if eff else x0_l[j],
-                           cond={k: v[j] for k, v in enc.items()}, neg_cond={k: v[b + j] for k, v in enc.items()})
+                           cond=row(j), neg_cond=row(b + j))
                 for j, (i, p) in enumerate(zip(indices, perts))]
 
 
@@ -217,8 +211,7 @@ def run_prepare(cfg, *, progress: bool = True) -> dict[str, Any]:
         _fail(f"data.shard_size={cfg.data.shard_size} and prepare.batch_size={cfg.prepare.batch_size} must be > 0")
     bb = _load_backbone(cfg)
     settings = resolve_settings(cfg, bb)
-    if bb.encoder is not None and cfg.model.family == "sdxl":
-        bb.encoder.resolution = settings["resolution"]  # SDXL time ids follow the sampled size
+    bb.set_resolution(settings["resolution"])  # e.g. SDXL's time ids follow the sampled size
     settings["num_prompts"] = len(prompts)
     pid, nproc = jax.process_index(), jax.process_count()
     _check_settings(out, settings, write=pid == 0)
@@ -267,7 +260,7 @@ def run_prepare(cfg, *, progress: bool = True) -> dict[str, Any]:
         if missing:
             _fail(f"shards incomplete after the run: {missing}")
         shards = [{"file": paths[s].name, "num_records": b - a, "bytes": paths[s].stat().st_size} for s, a, b in plan]
-        cond_shapes = gen.cond_shapes if gen is not None else _cond_shapes(paths[plan[0][0]])
+        cond_shapes = gen.cond_shapes if gen is not None else _cond_shapes(bb, cfg.data.cond_mode)
         counts = {"prompts_read": stats.read, "prompts_empty": stats.empty, "prompts_duplicate": stats.duplicates,
                   "records": len(prompts), "written_this_run": written, "reused_this_run": reused,
                   "prompts_truncated": int(getattr(bb.encoder, "truncated_total", 0)),
@@ -295,7 +288,8 @@ def run_import(cfg, src: str) -> dict[str, Any]:
         _fail("data.records is empty: set it to the output folder of the records")
     bb = _load_backbone(cfg)
     try:
-        m = records.import_authors_release(src, cfg.data.records, bb.encode, model=str(bb.path),
+        m = records.import_authors_release(src, cfg.data.records, bb.encode, record_cond=bb.record_cond,
+                                           model=str(bb.path),
                                            dtype=cfg.data.record_dtype, records_per_shard=cfg.data.shard_size,
                                            batch_size=cfg.prepare.batch_size)
     except (FileNotFoundError, KeyError, ValueError) as e:
@@ -369,7 +363,7 @@ def run_import_preferences(cfg, src: str, *, progress: bool = True) -> dict[str,
                     emb = bb.encode([e.prompt for e in good])
                     cond_shapes.update({k: v.shape[1:] for k, v in emb.items()})
                     for j, e in enumerate(good):
-                        cond = {k: v[j] for k, v in emb.items()}
+                        cond = bb.record_cond({k: v[j] for k, v in emb.items()})
                         w.write(records.PairRecord(index=written + j, id=e.id, prompt=e.prompt,
                                                    neg_prompt=e.prompt, cond=cond, neg_cond=cond,
                                                    x0_w=lat[2 * j], x0_l=lat[2 * j + 1], strategy="preference"))

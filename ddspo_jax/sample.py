@@ -37,22 +37,12 @@ def load_model(spec: str, *, dtype: str, step: int | None = None):
         from ddspo_jax.export import restore_trained_params
 
         params, _, run_cfg, base = restore_trained_params(path, step)
-        mcfg.family, mcfg.path = run_cfg["model"]["family"], str(base)
+        mcfg.path = str(base)
     else:
-        mcfg.path = spec
-        folder = _resolve(spec)
-        unet_cfg = folder / "unet" / "config.json"
-        if unet_cfg.is_file() and json.loads(unet_cfg.read_text()).get("addition_embed_type") == "text_time":
-            mcfg.family = "sdxl"
+        mcfg.path = spec  # the family is detected from the folder (backbones.detect_family)
     mcfg.dtype = dtype
     bb = load_backbone(mcfg, base_config().schedule, text=True, vae=True, log=None)
-    return bb, bb.unet_params if params is None else params
-
-
-def _resolve(spec: str) -> Path:
-    from ddspo_jax.backbones import resolve_path as resolve_model_path
-
-    return resolve_model_path(spec) if spec.startswith("tiny") else Path(spec)
+    return bb, bb.params if params is None else params
 
 
 def generate_images(bb, gen, params, prompts, indices, batch: int | None = None) -> np.ndarray:
@@ -136,6 +126,8 @@ def run(args) -> dict:
 
 
 def parse_args(argv=None):
+    from ddspo_jax.sampling import SAMPLERS
+
     ap = argparse.ArgumentParser(prog="python -m ddspo_jax.sample", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 2)[2])
@@ -146,7 +138,7 @@ def parse_args(argv=None):
     ap.add_argument("--step", type=int, default=None, help="checkpoint step of a run folder (default latest)")
     ap.add_argument("--steps", type=int, default=0, help="sampler steps (0: family default)")
     ap.add_argument("--guidance", type=float, default=None, help="CFG scale (default: family default)")
-    ap.add_argument("--sampler", default="", choices=("", "ddim", "pndm", "euler", "flow_euler"))
+    ap.add_argument("--sampler", default="", choices=("",) + SAMPLERS)
     ap.add_argument("--resolution", type=int, default=0, help="pixels (0: the model's default)")
     ap.add_argument("--seed", type=int, default=0,
                     help="prompt i starts from the initial noise of (seed, i): with the seed prepare used (config.seed, "

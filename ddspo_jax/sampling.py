@@ -10,7 +10,9 @@
     pndm        PNDMScheduler with skip_prk_steps (PLMS): SD-1.x's shipped default and the paper's SD sampler
     euler       EulerDiscreteScheduler (SDXL's default; "leading" spacing, steps_offset 1)
     flow_euler  FlowMatchEulerDiscreteScheduler (rectified flow, SANA-style schedules)
-  backbones.DEFAULTS (reaching the sampler as arguments) names PNDM for SD-1.x (the paper's and the shipped pipelines' sampler), Euler for SDXL;
+    flow_dpmpp_2m  DPMSolverMultistepScheduler(use_flow_sigmas, flow_prediction, dpmsolver++, order 2): SANA's
+  each Backbone's `defaults` (reaching the sampler as arguments) names PNDM for SD-1.x (the paper's and the
+  shipped pipelines' sampler), Euler for SDXL, DPM-Solver++ 2M for SANA;
   `prepare.sampler` / `sample --sampler` choose another.
 * The schedule math lives in `schedules.py`; this module only sequences it.
 """

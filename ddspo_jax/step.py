@@ -44,7 +44,7 @@ def step_keys(cfg) -> tuple[str, ...]:
 
 # denoise(params, x_t [B,H,W,C], t_model [B], cond pytree with leading B, gather) -> prediction [B,H,W,C].
 # `params` are the device's fsdp shards; `gather` (parallel.Gather) makes whole compute-dtype weights of them,
-# per block for the UNet (models/unet.apply_sharded) or at once for small models (`gather(params)`).
+# per block for the UNet (models/layers.apply_sharded) or at once for small models (`gather(params)`).
 # With train.cpp="pair" the reference denoiser is also called with `adapters=(None, None, "w", "l")`: the
 # batch in that many equal groups, group g through the frozen pair's adapter g (None: the reference itself).
 Denoise = Callable[[Any, jax.Array, jax.Array, Any, parallel.Gather], jax.Array]

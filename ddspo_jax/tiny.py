@@ -158,18 +158,18 @@ def tiny_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     return {t: i for i, t in enumerate(vocab_list)}, merges
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _write_tokenizer(folder: Path, pad_token: str) -> None:
+def write_clip_tokenizer(folder: Path, pad_token: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     vocab, merges = tiny_vocab_and_merges()
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}
-    _write_json(folder / "special_tokens_map.json", special)
-    _write_json(folder / "tokenizer_config.json", {
+    write_json(folder / "special_tokens_map.json", special)
+    write_json(folder / "tokenizer_config.json", {
         **special, "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
         "errors": "replace", "add_prefix_space": False, "clean_up_tokenization_spaces": True})
 
@@ -177,7 +177,7 @@ def _write_tokenizer(folder: Path, pad_token: str) -> None:
 # ----------------------------------------------------------------------------------------------- weights
 
 
-def _fill(shapes, seed: int, path=()) -> dict:
+def fill_params(shapes, seed: int, path=()) -> dict:
     """Deterministic weights for a parameter tree of ShapeDtypeStructs.
 
     Uniform draws with the variance of a fan-in (LeCun) init for kernels, small values for biases and
@@ -188,7 +188,7 @@ def _fill(shapes, seed: int, path=()) -> dict:
         v = shapes[name]
         p = path + (name,)
         if isinstance(v, dict):
-            out[name] = _fill(v, seed, p)
+            out[name] = fill_params(v, seed, p)
             continue
         rng = np.random.default_rng([seed, zlib.crc32("/".join(p).encode())])
         u = (rng.random(v.shape) * 2.0 - 1.0) * np.sqrt(3.0)  # unit variance
@@ -205,34 +205,7 @@ def _fill(shapes, seed: int, path=()) -> dict:
     return out
 
 
-def _unet_config(family: str) -> dict:
-    common = dict(
-        _class_name="UNet2DConditionModel", _diffusers_version=_FAKE_DIFFUSERS_VERSION, act_fn="silu",
-        block_out_channels=[32, 64], layers_per_block=1, in_channels=4, out_channels=4, sample_size=16,
-        center_input_sample=False, flip_sin_to_cos=True, freq_shift=0, downsample_padding=1,
-        mid_block_scale_factor=1, norm_eps=1e-5, norm_num_groups=8)
-    if family == "sd":  # SD-1.x: cross-attention in the high-resolution blocks, conv projections
-        return {**common, "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-                "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "attention_head_dim": 4,
-                "cross_attention_dim": 32}
-    # SDXL: attention only in the low-resolution block, linear projections, text_time added conditioning
-    return {**common, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "attention_head_dim": [2, 4],
-            "cross_attention_dim": 64, "use_linear_projection": True, "transformer_layers_per_block": [1, 1],
-            "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
-            "projection_class_embeddings_input_dim": 6 * 8 + 32}
-
-
-def _vae_config(family: str) -> dict:
-    # Three blocks: 16x16 latents <-> 64x64 images.
-    return dict(_class_name="AutoencoderKL", _diffusers_version=_FAKE_DIFFUSERS_VERSION, act_fn="silu",
-                block_out_channels=[16, 32, 32], down_block_types=["DownEncoderBlock2D"] * 3,
-                up_block_types=["UpDecoderBlock2D"] * 3, in_channels=3, out_channels=3, latent_channels=4,
-                layers_per_block=1, norm_num_groups=8, sample_size=64,
-                scaling_factor=0.18215 if family == "sd" else 0.13025)
-
-
-def _text_config(with_projection: bool, act: str) -> dict:
+def clip_text_config(with_projection: bool, act: str) -> dict:
     vocab, _ = tiny_vocab_and_merges()
     return {"architectures": ["CLIPTextModelWithProjection" if with_projection else "CLIPTextModel"],
             "model_type": "clip_text_model", "vocab_size": len(vocab), "hidden_size": 32,
@@ -242,61 +215,16 @@ def _text_config(with_projection: bool, act: str) -> dict:
             "attention_dropout": 0.0, "dropout": 0.0, "initializer_factor": 1.0, "initializer_range": 0.02}
 
 
-def _scheduler_config(family: str) -> dict:
-    """SD's DDIM settings / SDXL's Euler settings (scaled_linear 0.00085 -> 0.012, leading, steps_offset 1)."""
-    common = dict(_diffusers_version=_FAKE_DIFFUSERS_VERSION, beta_start=0.00085, beta_end=0.012,
-                  beta_schedule="scaled_linear", num_train_timesteps=1000, prediction_type="epsilon",
-                  steps_offset=1, timestep_spacing="leading", clip_sample=False, set_alpha_to_one=False,
-                  trained_betas=None)
-    if family == "sd":
-        return {**common, "_class_name": "DDIMScheduler"}
-    return {**common, "_class_name": "EulerDiscreteScheduler", "interpolation_type": "linear",
-            "use_karras_sigmas": False, "sample_max_value": 1.0, "skip_prk_steps": True}
-
-
-def _model_index(family: str) -> dict:
-    idx = {"_diffusers_version": _FAKE_DIFFUSERS_VERSION, "feature_extractor": [None, None],
-           "image_encoder": [None, None], "text_encoder": ["transformers", "CLIPTextModel"],
-           "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-           "vae": ["diffusers", "AutoencoderKL"]}
-    if family == "sd":
-        return {**idx, "_class_name": "StableDiffusionPipeline", "requires_safety_checker": False,
-                "safety_checker": [None, None], "scheduler": ["diffusers", "DDIMScheduler"]}
-    return {**idx, "_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
-            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-            "tokenizer_2": ["transformers", "CLIPTokenizer"]}
-
-
 def build_tiny_model(out: str | os.PathLike, family: str = "sd", seed: int = 0) -> Path:
-    """Writes the tiny pipeline into `out` (created; not atomic: `ensure_tiny_model` wraps it)."""
-    from ddspo_jax.convert import export_clip_text, export_unet, export_vae
-    from ddspo_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
-    from ddspo_jax.models.unet import UNet2DConditionModel
-    from ddspo_jax.models.vae import AutoencoderKL
+    """Writes the family's tiny pipeline (backbones.<family>.build_tiny) into `out` (created; not atomic:
+    `ensure_tiny_model` wraps it)."""
+    from ddspo_jax.backbones import family_class
 
-    if family not in ("sd", "sdxl"):
-        raise ValueError(f"tiny model family must be 'sd' or 'sdxl', got {family!r}")
+    cls = family_class(family)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    unet_cfg = _unet_config(family)
-    unet = UNet2DConditionModel.from_config(unet_cfg)
-    export_unet(unet_cfg, _fill(unet.init_shapes(), seed), out / "unet")
-    vae_cfg = _vae_config(family)
-    vae = AutoencoderKL.from_config(vae_cfg)
-    export_vae(vae_cfg, _fill(vae.init_shapes(), seed + 1), out / "vae")
-    encoders = [("text_encoder", "tokenizer", False, "quick_gelu", EOS)]
-    if family == "sdxl":  # SDXL's second tokenizer pads with "!" as the real one does
-        encoders.append(("text_encoder_2", "tokenizer_2", True, "gelu", "!"))
-    for i, (enc, tok, proj, act, pad) in enumerate(encoders):
-        cfg = _text_config(proj, act)
-        model = CLIPTextModel(CLIPTextConfig.from_dict(cfg))
-        export_clip_text(cfg, _fill(model.init_shapes(), seed + 2 + i), out / enc)
-        _write_tokenizer(out / tok, pad)
-    (out / "scheduler").mkdir(exist_ok=True)
-    _write_json(out / "scheduler" / "scheduler_config.json", _scheduler_config(family))
-    _write_json(out / "model_index.json", _model_index(family))
-    _write_json(out / MARKER, {"version": TINY_VERSION, "family": family, "seed": seed})
+    cls.build_tiny(out, seed)
+    write_json(out / MARKER, {"version": TINY_VERSION, "family": family, "seed": seed})
     return out
 
 
@@ -344,20 +272,41 @@ def ensure_tiny_model(folder: str | os.PathLike | None = None, *, family: str = 
     return folder
 
 
-def resolve_model_path(path: str, family: str = "sd") -> Path:
-    """`config.model.path` -> a model folder. "tiny" builds/reuses the tiny model in its default cache folder,
-    "tiny:<folder>" in <folder>; anything else is returned as a path (a missing folder is an error there)."""
-    if path == "tiny" or path.startswith("tiny:"):
-        return ensure_tiny_model(path[5:] or None, family=family, verbose=True)
+TINY_NAME = re.compile(r"tiny(?:-(\w+))?(?::(.*))?")
+
+
+def parse_tiny(path: str, family: str = "") -> tuple[str, str | None] | None:
+    """"tiny", "tiny-<family>", "tiny:<folder>" or "tiny-<family>:<folder>" -> (family, folder or None); anything
+    else None. Plain "tiny" is the `family` hint (config.model.family) or SD-1.x."""
+    m = TINY_NAME.fullmatch(path)
+    if m is None:
+        return None
+    named = m.group(1)
+    if named and family and named != family:
+        from ddspo_jax.errors import ConfigError
+
+        raise ConfigError(f"config.model.path={path!r} names the tiny {named!r} model but model.family={family!r}")
+    return named or family or "sd", m.group(2) or None
+
+
+def resolve_model_path(path: str, family: str = "") -> Path:
+    """`config.model.path` -> a model folder. "tiny[-<family>]" builds/reuses the tiny model in its default cache
+    folder, "tiny[-<family>]:<folder>" in <folder>; anything else is returned as a path (a missing folder is an
+    error there)."""
+    tiny = parse_tiny(path, family)
+    if tiny is not None:
+        return ensure_tiny_model(tiny[1], family=tiny[0], verbose=True)
     return Path(path)
 
 
-def _main() -> None:  # python -m ddspo_jax.tiny [folder] [--family sdxl] [--write-prompts]
+def _main() -> None:  # python -m ddspo_jax.tiny [folder] [--family F] [--write-prompts]
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("folder", nargs="?", default=None)
-    ap.add_argument("--family", default="sd", choices=("sd", "sdxl"))
+    from ddspo_jax.backbones import FAMILY_NAMES
+
+    ap.add_argument("--family", default="sd", choices=FAMILY_NAMES)
     ap.add_argument("--write-prompts", action="store_true", help=f"(re)write {TINY_PROMPTS} from compose_prompts()")
     a = ap.parse_args()
     if a.write_prompts:

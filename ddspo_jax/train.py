@@ -1,6 +1,6 @@
 """Fine-tune a diffusion model with DDSPO (or a baseline) on preference records.
 
-  python -m ddspo_jax.train --config configs/sdxl.py --config.train.beta=8000
+  python -m ddspo_jax.train --config configs/sd15.py --config.train.beta=8000
 
 One readable loop in banner sections: runtime and mesh -> model -> data -> optimizer and state ->
 checkpoint (resume) -> step -> loop. The output folder holds `config.json`, Orbax checkpoints
@@ -11,6 +11,8 @@ train.max_skipped_steps of them in a row stop the run (every checkpoint holds a 
 """
 
 from __future__ import annotations
+
+import functools
 
 import contextlib
 import logging
@@ -118,7 +120,7 @@ def compilation_cache(out) -> str | None:
     return folder
 
 
-def load_cpp_pair(cfg, base_unet):
+def load_cpp_pair(cfg, base_unet, targets):
     """(the {"w", "l"} LoRA factors of the sft_pair run `train.cpp_pair` at its latest step, their alpha);
     errors name the folder and what is wrong with it."""
     import jax
@@ -135,7 +137,7 @@ def load_cpp_pair(cfg, base_unet):
         raise ConfigError(f"train.cpp_pair={run} was trained on model.path={pair_cfg['model']['path']!r}, this run "
                           f"uses {cfg.model.path!r}: the pair's adapters only make sense on their own base")
     params = restore_params(run / "checkpoints" / str(checkpoint_steps(run)[-1]) / "params")
-    want = jax.tree.map(lambda x: x.shape, lora.init(base_unet, pair_cfg["model"]["lora_rank"], jax.random.key(0)))
+    want = jax.tree.map(lambda x: x.shape, lora.init(base_unet, pair_cfg["model"]["lora_rank"], jax.random.key(0), targets))
     got = {k: jax.tree.map(lambda x: x.shape, params.get(k, {})) for k in ("w", "l")}
     if got["w"] != want or got["l"] != want:
         raise ConfigError(f"train.cpp_pair={run}: its adapters do not fit this base UNet's attention projections")
@@ -197,20 +199,20 @@ def train(cfg, *, log=print) -> dict:
     # ------------------------------------------------------------------ optimizer and train state
     lr = learning_rate(cfg)
     optimizer, lr_schedule = step_lib.make_optimizer(cfg, lr)
-    host_unet, backbone.unet_params = backbone.unet_params, None  # numpy; only shards go to devices
+    host_unet, backbone.params = backbone.params, None  # numpy; only shards go to devices
     ref_dtype = jnp.dtype(cfg.model.ref_dtype or cfg.model.dtype)
     ref_unet = parallel.shard_tree(jax.tree.map(lambda x: np.asarray(x).astype(ref_dtype), host_unet), mesh)
     ref_params = {"unet": ref_unet}  # + "text" (token-ids records), + "pair" (DD-CPP): all frozen, all sharded
     embed = lambda r, c, g: c  # noqa: E731
     if "input_ids" in manifest.get("conditioning", {}):  # token-ids-only records: run the frozen encoders here
-        encoder = backbone.load_extras(text=True, vae=False).encoder
-        text = jax.tree.map(lambda x: np.asarray(x).astype(ref_dtype), tuple(encoder.params))
+        backbone.load_extras(text=True, vae=False)
+        text = jax.tree.map(lambda x: np.asarray(x).astype(ref_dtype), backbone.text_params)
         ref_params["text"] = parallel.shard_tree(text, mesh)
-        embed = lambda r, c, g: encoder.embed_ids(g(r["text"], ("text",)), c)  # noqa: E731
+        embed = lambda r, c, g: backbone.embed_ids(g(r["text"], ("text",)), c)  # noqa: E731
         log("records hold token ids: the step runs the frozen text encoder(s)")
     pair_alpha = None
     if cfg.train.cpp == "pair":  # DD-CPP: the frozen winning / losing adapters of an sft_pair run
-        pair, pair_alpha = load_cpp_pair(cfg, host_unet)
+        pair, pair_alpha = load_cpp_pair(cfg, host_unet, backbone.lora_targets)
         ref_params["pair"] = parallel.shard_tree(jax.tree.map(lambda x: np.asarray(x).astype(ref_dtype), pair), mesh)
         log(f"DD-CPP targets from the trained pair in {cfg.train.cpp_pair} ({lora.count(pair):,} parameters)")
 
@@ -229,13 +231,14 @@ def train(cfg, *, log=print) -> dict:
     if cfg.model.lora_rank > 0:  # train low-rank factors on the frozen base, which is also the reference
         alpha = cfg.model.lora_alpha or float(cfg.model.lora_rank)
         rank, key0 = cfg.model.lora_rank, jax.random.key(cfg.seed + 1)
+        lora_init = functools.partial(lora.init, rank=rank, targets=backbone.lora_targets, a_std=backbone.lora_a_std)
         if cfg.train.objective == "sft_pair":  # the winning and losing adapters, trained side by side
-            factors = {"w": lora.init(host_unet, rank, jax.random.fold_in(key0, 0)),
-                       "l": lora.init(host_unet, rank, jax.random.fold_in(key0, 1))}
+            factors = {"w": lora_init(host_unet, jax.random.fold_in(key0, 0)),
+                       "l": lora_init(host_unet, jax.random.fold_in(key0, 1))}
             adapters_of = lambda f: lora.stack(f["w"], f["l"])  # noqa: E731  (x_t^w rows, then x_t^l rows)
             merged_of = lambda f: f["w"]  # noqa: E731  (the sample grid shows the winning adapter)
         else:
-            factors = lora.init(host_unet, rank, key0)
+            factors = lora_init(host_unet, key0)
             adapters_of = merged_of = lambda f: f  # noqa: E731
         trainable = parallel.shard_tree(factors, mesh)
         log(f"LoRA rank {rank}: {lora.count(factors):,} trainable parameters")

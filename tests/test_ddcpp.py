@@ -148,9 +148,9 @@ def _own_mse(bb, params_w, params_l, src, n_draws=24):
         for name, x0, f in (("w", x0w, params_w), ("l", x0l, params_l)):
             noise = jax.random.normal(kn, x0.shape)
             xt = sched.add_noise(x0, noise, t)
-            base = bb.denoise(bb.unet_params, xt, sched.model_timestep(t), cond)
+            base = bb.denoise(bb.params, xt, sched.model_timestep(t), cond)
             with lora.forward(f, 2.0):
-                tuned = bb.denoise(bb.unet_params, xt, sched.model_timestep(t), cond)
+                tuned = bb.denoise(bb.params, xt, sched.model_timestep(t), cond)
             out[name][0] += float(jnp.mean((base - noise) ** 2)) / n_draws
             out[name][1] += float(jnp.mean((tuned - noise) ** 2)) / n_draws
     return out
@@ -190,7 +190,7 @@ def test_sft_pair_fits_each_adapter_to_its_own_images_and_trains_only_factors(pa
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 16, 16, 4)).astype(np.float32)
     ctx = rng.standard_normal((1, 77, 32)).astype(np.float32)
-    ours = bb.unet.apply({"params": lora.merge(bb.unet_params, params["w"], 2.0)}, x, np.array([500]), ctx)
+    ours = bb.denoiser.apply({"params": lora.merge(bb.params, params["w"], 2.0)}, x, np.array([500]), ctx)
     with torch.no_grad():
         theirs = unet(torch.from_numpy(x.transpose(0, 3, 1, 2)), 500, torch.from_numpy(ctx)).sample.numpy()
     np.testing.assert_allclose(np.asarray(ours), theirs.transpose(0, 2, 3, 1), atol=1e-4)
@@ -229,7 +229,7 @@ def test_cpp_pair_step_loss_by_hand_and_zero_adapters_are_tf_cpp_with_c_minus_c(
     cfg = base_config()
     cfg.model.path, cfg.model.dtype, cfg.train.beta = "tiny", "float32", 500.0
     bb = load_backbone(cfg.model, cfg.schedule, text=False, vae=False, log=None)
-    p = bb.unet_params
+    p = bb.params
     rnd = lambda f, s: jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(s), x.shape), f)  # noqa
     fw, fl = rnd(lora.init(p, 2, jax.random.key(1)), 2), rnd(lora.init(p, 2, jax.random.key(3)), 4)
     model = jax.tree.map(lambda x: x * 1.01, p)  # a trainable UNet != the reference

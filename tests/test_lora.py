@@ -19,7 +19,7 @@ def tiny():
     cfg = base_config()
     cfg.model.path, cfg.model.dtype, cfg.model.remat_policy = "tiny", "float32", "block"
     bb = load_backbone(cfg.model, cfg.schedule, text=False, vae=False, log=None)
-    f = lora.init(bb.unet_params, 2, jax.random.key(1))
+    f = lora.init(bb.params, 2, jax.random.key(1))
     f = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape), f)  # B != 0
     return cfg, bb, f
 
@@ -32,7 +32,7 @@ def _inputs(n, seed=0):
 
 def test_forward_and_groups_equal_merged_weights(tiny):
     _, bb, f = tiny
-    p = bb.unet_params
+    p = bb.params
     x, t, c = _inputs(4)
     f2 = jax.tree.map(lambda v: -0.5 * v, f)
 
@@ -53,7 +53,7 @@ def test_fsdp_step_with_the_lora_forward_equals_a_merged_single_shard_step(tiny)
     cfg, bb, f = tiny
     cfg = cfg.copy_and_resolve_references()
     cfg.train.batch_size, cfg.train.micro_batch_per_device, cfg.train.warmup_steps = 2, 1, 0
-    p = bb.unet_params
+    p = bb.params
     x0w, _, c = _inputs(2, 1)
     x0l, _, cl = _inputs(2, 2)
     batch = {"x0_w": np.asarray(x0w), "x0_l": np.asarray(x0l), "cond_w": jax.tree.map(np.asarray, c),

@@ -148,14 +148,15 @@ def test_bad_sampler_settings():
 
 def test_tiny_unet_ddim_matches_diffusers_pipeline_loop(tmp_path):
     """The real denoiser path: tiny SD UNet (JAX) vs the same weights in diffusers, 2 DDIM steps with CFG."""
-    from ddspo_jax.backbones import Backbone, schedule_from_folder
+    from ddspo_jax.backbones import schedule_from_folder
+    from ddspo_jax.backbones.sd import SD1Backbone
     from ddspo_jax.convert import load_unet
     from ddspo_jax.tiny import ensure_tiny_model
 
     folder = ensure_tiny_model(tmp_path / "tiny")
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
     unet, params = load_unet(folder)
-    bb = Backbone("sd", folder, unet, params, schedule_from_folder(folder, None))
+    bb = SD1Backbone(folder, unet, params, schedule_from_folder(folder, None))
     rng = np.random.default_rng(0)
     noise = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
     cond = rng.standard_normal((2, 77, 32)).astype(np.float32)

@@ -87,7 +87,7 @@ def test_step_equals_pytorch(objective, optimizer):
     opt, _ = step_lib.make_optimizer(cfg, cfg.train.lr)
     shape = jax.eval_shape(lambda: start)
     train_step = step_lib.make_train_step(bb.denoise, bb.schedule, cfg, mesh, opt, shape)
-    ref = parallel.shard_tree(bb.unet_params, mesh)
+    ref = parallel.shard_tree(bb.params, mesh)
     state = step_lib.create_state(parallel.shard_tree(start, mesh), opt, mesh)
     key = jax.random.key(3)
 

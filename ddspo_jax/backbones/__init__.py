@@ -1,11 +1,16 @@
-"""What differs between SD-1.x and SDXL (and later SANA), behind one small interface.
+"""What differs between model families (SD-1.x, SDXL, SANA), behind one small interface.
 
-`step.py`, `prepare.py` and `sample.py` are written once against `Backbone`:
-- `denoise(params, x_t, t, cond)` -> the schedule's prediction (epsilon or v), NHWC;
+`step.py`, `prepare.py`, `sample.py`, `export.py` and `train.py` are written once against `Backbone`:
+- `denoise(params, x_t, t, cond, gather=None)` -> the schedule's prediction (epsilon, v or flow velocity), NHWC;
 - `encode(texts)` -> the conditioning pytree the denoiser takes (SD-1.x: prompt_embeds; SDXL: also
-  pooled_prompt_embeds and add_time_ids), and `negative_cond(n)` its CFG counterpart;
-- `decode(latents)` -> images in [0, 1].
-Records store the conditioning pytree as `encode` produced it, so the step never asks which model it runs.
+  pooled_prompt_embeds and add_time_ids; SANA: prompt_embeds and prompt_attention_mask), `negative_cond(n)`
+  its CFG counterpart, and `record_cond(row)` what one record stores of it;
+- `encode_images(images)` / `decode(latents)` between images in [0, 1] and scaled latents;
+- class-level facts: generation defaults (paper settings), the denoiser's folder, loader, exporter and LoRA
+  targets and file, and the embedded tiny model.
+One module per family (`sd.py`, `sana.py`); `detect_family(folder)` reads `model_index.json`. Records store
+the conditioning pytree as `encode` produced it, so the step never asks which model it runs. Adding a
+family is one module that subclasses `Backbone` and registers itself in FAMILIES.
 """
 
 from __future__ import annotations
@@ -14,24 +19,17 @@ import dataclasses
 import functools
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddspo_jax.errors import ConfigError, MissingFileError, ModelError
 from ddspo_jax import schedules
-
-# Paper's generation settings per family (Sec. 4 / App.): guidance scale, steps, resolution, sampler.
-DEFAULTS = {
-    "sd": dict(guidance=7.5, steps=25, resolution=512, sampler="pndm"),  # PNDM: SD-1.x's shipped scheduler
-    "sdxl": dict(guidance=5.0, steps=25, resolution=1024, sampler="euler"),
-    "sana": dict(guidance=4.5, steps=20, resolution=1024, sampler="flow_euler"),
-}
+from ddspo_jax.errors import ConfigError, MissingFileError, ModelError
 
 
-def _dtype(name: str):
+def dtype_of(name: str):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
 
 
@@ -63,45 +61,101 @@ def schedule_from_folder(folder: Path, fallback, log=None) -> schedules.DDPMSche
 
 @dataclasses.dataclass
 class Backbone:
-    family: str
+    """One loaded model: its denoiser (and host params), schedule, and on demand its text encoder and VAE.
+
+    Subclasses set the class-level facts and implement `denoise`, `load_denoiser`, `export_denoiser`,
+    `_load_encoder`, `_load_vae`, `build_tiny`; the rest is shared."""
+
     path: Path
-    unet: Any
-    unet_params: Any
+    denoiser: Any
+    params: Any  # the denoiser's weights (host numpy after load; the train step shards them)
     schedule: Any
-    encoder: Any = None  # PromptEncoder, loaded on demand (training from records never needs it)
+    encoder: Any = None  # prompt encoder, loaded on demand (training from embedding records never needs it)
     vae: Any = None
     vae_params: Any = None
 
+    family: ClassVar[str] = ""
+    pipeline_class: ClassVar[str] = ""  # model_index.json's _class_name
+    denoiser_folder: ClassVar[str] = "unet"
+    defaults: ClassVar[dict] = {}  # the paper's generation settings: guidance, steps, resolution, sampler
+    lora_targets: ClassVar[tuple] = ("to_q", "to_k", "to_v", "to_out_0")
+    lora_a_std: ClassVar[str] = "fan_in"  # lora.init's A initialisation (see lora.py)
+
+    # ------------------------------------------------------------------ family facts (no instance)
+    @classmethod
+    def matches(cls, folder: Path) -> bool:
+        """Whether a folder without model_index.json holds this family (from its denoiser's config)."""
+        return False
+
+    @classmethod
+    def load_denoiser(cls, folder: Path, dtype, param_dtype, *, attention=None, remat_policy="none"):
+        """(module, host params) of the denoiser in `folder/<denoiser_folder>`."""
+        raise NotImplementedError
+
+    @classmethod
+    def export_denoiser(cls, base: Path, params, out_dir: Path, dtype: str = "float32") -> Path:
+        """Writes the trained denoiser (config from `base`) as a diffusers component folder."""
+        raise NotImplementedError
+
+    @classmethod
+    def export_lora(cls, factors, alpha: float, path: Path) -> Path:
+        """LoRA factors -> a diffusers LoRA file (PEFT key names) the family's pipeline loads."""
+        raise NotImplementedError
+
+    @classmethod
+    def build_tiny(cls, out: Path, seed: int = 0) -> None:
+        """Writes the embedded tiny pipeline of this family into `out` (random weights, offline)."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------- per model
     @property
     def latent_channels(self) -> int:
-        return self.unet.config.in_channels
+        return int(self.denoiser.config.in_channels)
 
     @property
     def vae_scale(self) -> int:
-        """Pixels per latent (8 for SD/SDXL), from the VAE config even when its weights are not loaded."""
-        if self.vae is not None:
-            return 2 ** (len(self.vae.config.block_out_channels) - 1)
-        path = self.path / "vae" / "config.json"
-        blocks = json.loads(path.read_text()).get("block_out_channels", [0] * 4) if path.is_file() else [0] * 4
-        return 2 ** (len(blocks) - 1)
+        """Pixels per latent, from the VAE config even when its weights are not loaded."""
+        raise NotImplementedError
+
+    def default_resolution(self) -> int:
+        """What the family's pipeline defaults height/width to: the denoiser's sample size x the VAE scale."""
+        return int(self.denoiser.config.sample_size) * self.vae_scale
+
+    def set_resolution(self, resolution: int) -> None:
+        """Tells the conditioning the image size it is sampled at (SDXL's time ids); most families ignore it."""
 
     def denoise(self, params, x_t, t, cond, gather=None):
-        """The UNet's prediction. `gather` (inside the train step's shard_map): `params` are fsdp shards and
-        every block gathers its own weights (models/unet.apply_sharded); remat_policy "full" also
+        raise NotImplementedError
+
+    def _apply(self, params, gather, *args, **kwargs):
+        """`denoiser.apply` on whole weights, or on fsdp shards inside the train step's shard_map (`gather`):
+        every block then gathers its own weights (models/layers.apply_sharded); remat_policy "full" also
         recomputes the whole forward in the backward pass."""
-        from ddspo_jax.models.unet import apply_sharded
+        from ddspo_jax.models.layers import apply_sharded
 
-        added = None
-        if self.family == "sdxl":
-            added = {"text_embeds": cond["pooled_prompt_embeds"], "time_ids": cond["add_time_ids"]}
         if gather is None or gather.noop:  # whole float32 weights already: no per-block wrapper needed
-            return self.unet.apply({"params": params}, x_t, t, cond["prompt_embeds"], added_cond=added)
+            return self.denoiser.apply({"params": params}, *args, **kwargs)
 
-        def run(params, x_t, t, ctx, added):
-            return apply_sharded(self.unet, gather, params, x_t, t, ctx, added_cond=added)
-        if self.unet.remat_policy == "full":
+        def run(params, args, kwargs):
+            return apply_sharded(self.denoiser, gather, params, *args, **kwargs)
+        if self.denoiser.remat_policy == "full":
             run = jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)
-        return run(params, x_t, t, cond["prompt_embeds"], added)
+        return run(params, args, kwargs)
+
+    def _load_encoder(self):
+        raise NotImplementedError
+
+    def _load_vae(self):
+        raise NotImplementedError
+
+    def load_extras(self, *, text: bool = True, vae: bool = True) -> "Backbone":
+        """Adds the text encoder(s) and the VAE when not loaded yet (training from records needs neither;
+        its sample grids do)."""
+        if text and self.encoder is None:
+            self.encoder = self._load_encoder()
+        if vae and self.vae is None:
+            self.vae, self.vae_params = self._load_vae()
+        return self
 
     def encode(self, texts) -> dict[str, np.ndarray]:
         out = self.encoder.encode(list(texts))
@@ -111,45 +165,94 @@ class Backbone:
         out = self.encoder.encode_negative(n)
         return {k: np.asarray(v) for k, v in out.items() if k != "num_truncated"}
 
-    def load_extras(self, *, text: bool = True, vae: bool = True) -> "Backbone":
-        """Adds the text encoder(s) and the VAE when not loaded yet (training from records needs neither;
-        its sample grids do)."""
-        from ddspo_jax.convert import load_vae
-        from ddspo_jax.backbones.text import PromptEncoder
+    def encode_ids(self, texts) -> dict[str, np.ndarray]:
+        """What a token-ids record stores (data.cond_mode=token_ids); `embed_ids` turns it into `encode`'s
+        conditioning inside the train step with the frozen encoder's params `text_params`."""
+        return self.encoder.encode_ids_cond(list(texts))
 
-        if text and self.encoder is None:
-            self.encoder = PromptEncoder.from_pretrained(self.path, kind="sdxl" if self.family == "sdxl" else "sd1")
-        if vae and self.vae is None:
-            self.vae, self.vae_params = load_vae(self.path)
-        return self
+    @property
+    def text_params(self):
+        return self.encoder.params
+
+    def embed_ids(self, text_params, cond):
+        return self.encoder.embed_ids(text_params, cond)
+
+    def record_cond(self, cond: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One prompt's conditioning (no batch dim) -> what its record stores. The loader zero-pads arrays
+        shorter than the manifest's shape back to it (data/loader.py), so a family may store a prefix."""
+        return cond
+
+    def _vae_encode(self, params, x):
+        return self.vae.apply({"params": params}, x, method="encode")
+
+    def _vae_decode(self, params, z):
+        return self.vae.apply({"params": params}, z, method="decode")
 
     @functools.cached_property
     def _decode(self):
-        return jax.jit(lambda p, z: jnp.clip(self.vae.apply({"params": p}, z, method="decode") / 2 + 0.5, 0, 1))
+        return jax.jit(lambda p, z: jnp.clip(self._vae_decode(p, z) / 2 + 0.5, 0, 1))
 
     @functools.cached_property
     def _encode_images(self):
-        return jax.jit(lambda p, x: self.vae.apply({"params": p}, x * 2.0 - 1.0, method="encode"))
+        return jax.jit(lambda p, x: self._vae_encode(p, x * 2.0 - 1.0))
 
     def encode_images(self, images) -> np.ndarray:
         """Images [B,H,W,3] in [0, 1] -> scaled latents (the posterior mean: deterministic), float32."""
         return np.asarray(self._encode_images(self.vae_params, jnp.asarray(images, jnp.float32)))
 
     def decode(self, latents) -> np.ndarray:
-        """Scaled latents [B,h,w,C] -> images [B,H,W,3] in [0, 1] (float32 VAE, see models/vae.py)."""
+        """Scaled latents [B,h,w,C] -> images [B,H,W,3] in [0, 1] (float32 VAE)."""
         return np.asarray(self._decode(self.vae_params, latents))
 
 
-def generation_settings(bb, *, sampler: str = "", steps: int = 0, guidance=None, resolution: int = 0,
+def _registry() -> dict[str, type[Backbone]]:
+    from ddspo_jax.backbones.sana import SanaBackbone
+    from ddspo_jax.backbones.sd import SD1Backbone, SDXLBackbone
+
+    return {c.family: c for c in (SD1Backbone, SDXLBackbone, SanaBackbone)}
+
+
+FAMILY_NAMES = ("sd", "sdxl", "sana")  # the registry's keys, for config validation without importing models
+
+
+def family_class(family: str) -> type[Backbone]:
+    reg = _registry()
+    if family not in reg:
+        raise ModelError(f"model.family={family!r} is not one of {sorted(reg)}")
+    return reg[family]
+
+
+def detect_family(folder: str | Path) -> str:
+    """The family of a diffusers pipeline folder, from model_index.json's `_class_name` (or, without one,
+    from the denoiser's config)."""
+    folder = Path(folder)
+    reg = _registry()
+    index = folder / "model_index.json"
+    if index.is_file():
+        try:
+            name = json.loads(index.read_text()).get("_class_name", "")
+        except ValueError as e:
+            raise ModelError(f"{index}: not valid JSON ({e})") from None
+        for cls in reg.values():
+            if cls.pipeline_class == name:
+                return cls.family
+        raise ModelError(f"{index}: _class_name {name!r} is not a supported pipeline "
+                         f"({', '.join(c.pipeline_class for c in reg.values())})")
+    for cls in reg.values():
+        if cls.matches(folder):
+            return cls.family
+    raise ModelError(f"{folder}: no model_index.json and no recognisable unet/ or transformer/ config; "
+                     "is it a diffusers pipeline folder?")
+
+
+def generation_settings(bb: Backbone, *, sampler: str = "", steps: int = 0, guidance=None, resolution: int = 0,
                         seed: int = 0) -> dict[str, Any]:
     """Sampler, steps, guidance and latent shape: explicit values, else the family's paper defaults
-    (DEFAULTS) and the model folder's scheduler settings."""
-    import json
-
-    d = DEFAULTS[bb.family]
+    (`defaults`) and the model folder's scheduler settings."""
+    d = bb.defaults
     path = bb.path / "scheduler" / "scheduler_config.json"
     sched = json.loads(path.read_text()) if path.is_file() else {}
-    resolution = resolution or (bb.encoder.resolution if bb.encoder is not None else d["resolution"])
+    resolution = resolution or bb.default_resolution()
     scale = bb.vae_scale
     if resolution % scale:
         raise ConfigError(f"resolution {resolution} is not a multiple of the VAE scale {scale}")
@@ -160,35 +263,31 @@ def generation_settings(bb, *, sampler: str = "", steps: int = 0, guidance=None,
             "set_alpha_to_one": bool(sched.get("set_alpha_to_one", False)), "seed": int(seed)}
 
 
-def resolve_path(path: str, family: str = "sd") -> Path:
-    """config.model.path -> a diffusers folder: "tiny" / "tiny:<folder>" is the embedded tiny model (built on
-    first use); anything else is taken as given. The one way commands reach the embedded model."""
+def resolve_path(path: str, family: str = "") -> Path:
+    """config.model.path -> a diffusers folder: "tiny[-<family>]" / "tiny[-<family>]:<folder>" is the embedded
+    tiny model (built on first use); anything else is taken as given. The one way commands reach it."""
     from ddspo_jax.tiny import resolve_model_path
-
 
     return resolve_model_path(path, family)
 
 
 def load_backbone(model_cfg, schedule_cfg, *, text: bool = True, vae: bool = True, log=print) -> Backbone:
-    """Loads a diffusers pipeline folder named by `config.model.path` ("tiny" / "tiny:<folder>": the
-    embedded tiny model, built on first use)."""
-    from ddspo_jax.convert import load_unet
-    from ddspo_jax.backbones.text import require_components
-
-    family = model_cfg.family
-    if family not in ("sd", "sdxl"):
-        raise ModelError(f"model.family={family!r}: only 'sd' and 'sdxl' backbones exist so far")
-    folder = resolve_path(model_cfg.path, family) if model_cfg.path else Path("")
+    """Loads the diffusers pipeline folder named by `config.model.path` as its family's Backbone; the family
+    is detected from the folder, and `model.family`, when set, must agree."""
+    want = model_cfg.get("family", "") or ""
+    folder = resolve_path(model_cfg.path, want) if model_cfg.path else Path("")
     if not model_cfg.path or not folder.is_dir():
         raise MissingFileError(f"config.model.path={model_cfg.path!r} is not a diffusers model folder")
-    require_components(folder, ["unet"] + (["vae"] if vae else []))
-    dtype, pdtype = _dtype(model_cfg.dtype), _dtype(model_cfg.param_dtype)
-    unet, unet_params = load_unet(folder, dtype, pdtype, attention_impl=model_cfg.attention or None,
-                                  remat_policy=model_cfg.remat_policy, on_host=True)
-    is_xl = unet.config.addition_embed_type == "text_time"
-    if is_xl != (family == "sdxl"):
-        raise ModelError(f"config.model.family={family!r} but {folder / 'unet'} is "
-                         f"{'an SDXL' if is_xl else 'an SD-1.x-style'} UNet")
-    bb = Backbone(family, folder, unet, unet_params, schedule_from_folder(folder, schedule_cfg, log))
+    family = detect_family(folder)
+    if want and want != family:
+        raise ModelError(f"config.model.family={want!r} but {folder} holds a {family!r} model "
+                         f"({folder / 'model_index.json'}); set model.family={family!r} or leave it empty")
+    cls = family_class(family)
+    from ddspo_jax.backbones.text import require_components
+
+    require_components(folder, [cls.denoiser_folder] + (["vae"] if vae else []))
+    model, params = cls.load_denoiser(folder, dtype_of(model_cfg.dtype), dtype_of(model_cfg.param_dtype),
+                                      attention=model_cfg.attention or None, remat_policy=model_cfg.remat_policy)
+    bb = cls(folder, model, params, schedule_from_folder(folder, schedule_cfg, log))
     bb.load_extras(text=text, vae=vae)
     return bb

@@ -36,3 +36,11 @@ def load_dcae(path: str | os.PathLike, dtype=jnp.float32, param_dtype=jnp.float3
     params = params_from_state_dict(DCAE_TABLE, model.init_shapes(), state_dict, dtype=np.dtype(param_dtype),
                                     source=source)
     return model, jax.tree.map(jnp.asarray, params)
+
+
+def export_dcae(config: dict, params, out_dir: str | os.PathLike, dtype: Any = "float32"):
+    """Flax params -> a diffusers `AutoencoderDC` folder (config.json + diffusion_pytorch_model.safetensors)."""
+    from ddspo_jax.convert.unet import export_config_and_weights
+
+    DCAEConfig.from_dict(config)  # validates before anything is written
+    return export_config_and_weights(dict(config), DCAE_TABLE, params, out_dir, dtype)

@@ -46,3 +46,19 @@ def load_gemma2(path: str | os.PathLike, dtype=jnp.bfloat16, param_dtype=jnp.bfl
     params = params_from_state_dict(detect_table(state_dict), model.init_shapes(), state_dict,
                                     dtype=np.dtype(param_dtype), source=source)
     return model, jax.tree.map(jnp.asarray, params)
+
+
+def export_gemma2(config: dict, params, out_dir: str | os.PathLike, dtype: Any = "float32"):
+    """Flax params -> a transformers `Gemma2Model` folder (config.json + model.safetensors, bare key names)."""
+    import json
+    from pathlib import Path
+
+    from ddspo_jax.convert.common import export_dtype, state_dict_from_params, write_safetensors
+
+    Gemma2Config.from_dict(config)  # validates before anything is written
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(state_dict_from_params(BARE_TABLE, params, dtype=export_dtype(dtype)),
+                      out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+    return out

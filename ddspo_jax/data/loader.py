@@ -88,6 +88,7 @@ class PairSource:
                 raise RecordError(f"{path}: {n} records, manifest says {entry['num_records']} (partial shard?)")
             counts.append(n)
         self._ends = np.cumsum(counts)
+        self._cond_shapes = {k: tuple(v) for k, v in self.manifest.get("conditioning", {}).items()}
         self._src = grain.sources.ArrayRecordDataSource(self.paths)
 
     def __len__(self) -> int:
@@ -106,10 +107,27 @@ class PairSource:
             raw = self._src[index]
         except Exception as e:
             raise RecordError(f"{self.where(index)}: cannot read ({type(e).__name__} {e})") from None
-        return decode_record(raw, where=self.where(index))
+        rec = decode_record(raw, where=self.where(index))
+        for key in ("cond", "neg_cond"):
+            rec[key] = pad_cond(rec[key], self._cond_shapes, where=self.where(index))
+        return rec
 
     def __repr__(self) -> str:
         return f"PairSource({self.folder!r}, {len(self)} records)"
+
+
+def pad_cond(cond: Mapping[str, Any], shapes: Mapping[str, tuple], where: str = "record") -> dict[str, Any]:
+    """Zero-pads conditioning arrays stored shorter than the manifest's shape along axis 0 (a backbone's
+    `record_cond` may keep only the unmasked rows; a zero-padded attention mask masks the padding)."""
+    out = dict(cond)
+    for k, shape in shapes.items():
+        v = out.get(k)
+        if v is None or tuple(np.shape(v)) == tuple(shape):
+            continue
+        if np.ndim(v) != len(shape) or np.shape(v)[1:] != tuple(shape[1:]) or np.shape(v)[0] > shape[0]:
+            raise RecordError(f"{where}: conditioning {k!r} has shape {np.shape(v)}, the manifest says {list(shape)}")
+        out[k] = np.concatenate([v, np.zeros((shape[0] - v.shape[0],) + tuple(shape[1:]), v.dtype)])
+    return out
 
 
 class _ToExample:

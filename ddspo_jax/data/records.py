@@ -303,7 +303,8 @@ def _authors_latent(folder: str, name: str) -> np.ndarray:
     raise MissingFileError(f"latent {name!r} not found in {folder} (looked at {candidates})")
 
 
-def import_authors_release(src: str | os.PathLike, out: str | os.PathLike, encode, *, model: str = "",
+def import_authors_release(src: str | os.PathLike, out: str | os.PathLike, encode, *, record_cond=lambda c: c,
+                           model: str = "",
                            dtype: str = "bfloat16", records_per_shard: int = 1000, batch_size: int = 64,
                            latent_scale: float = 1.0, limit: int | None = None,
                            settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -311,7 +312,8 @@ def import_authors_release(src: str | os.PathLike, out: str | os.PathLike, encod
 
     `src` holds ``metadata.jsonl`` (lines with id, prompt, neg_prompt, pos_file, neg_file) and
     ``latents/<file>`` safetensors with an NCHW ``latent``. Their data stores prompts as text, so
-    ``encode(texts) -> {name: array [len(texts), ...]}`` (the caller's text encoder) makes the embeddings.
+    ``encode(texts) -> {name: array [len(texts), ...]}`` (the caller's text encoder) makes the embeddings;
+    ``record_cond`` (the backbone's) says what a record keeps of one prompt's.
     ``latent_scale`` multiplies the latents (1.0: their latents are already in the model's scale).
     A line without neg_file (or an empty one) makes the dataset kind "positives" only if all lines lack it.
     Complete shards already in `out` are kept, so an interrupted import resumes.
@@ -367,8 +369,8 @@ def import_authors_release(src: str | os.PathLike, out: str | os.PathLike, encod
                     w.write(PairRecord(
                         index=i, id=str(e.get("id", "")), prompt=e["prompt"], neg_prompt=e["neg_prompt"],
                         strategy=str(e.get("strategy", "imported")), seed=-1, x0_w=x0_w, x0_l=x0_l,
-                        cond={k: v[j] for k, v in emb.items()},
-                        neg_cond={k: v[len(chunk) + j] for k, v in emb.items()}))
+                        cond=record_cond({k: v[j] for k, v in emb.items()}),
+                        neg_cond=record_cond({k: v[len(chunk) + j] for k, v in emb.items()})))
         shards.append(w.entry)
     return write_manifest(out, shards=shards, kind=kind, model=model, dtype=dtype,
                           settings={"source": "authors' PyTorch release", "src": src, "latent_scale": latent_scale,

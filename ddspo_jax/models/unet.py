@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from typing import Any, Mapping, Optional
 
 import jax
@@ -18,8 +17,9 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from ddspo_jax.errors import ModelError
-from ddspo_jax.models.layers import (
-    ATTENTION_IMPLS, Downsample2D, GroupNorm, LayerNorm, ResnetBlock2D, TimestepEmbedding, Upsample2D,
+from ddspo_jax.models.layers import (  # noqa: F401  (apply_sharded, in_unit: re-exported)
+    ATTENTION_IMPLS, Downsample2D, GroupNorm, LayerNorm, ResnetBlock2D, TimestepEmbedding, Upsample2D, apply_sharded,
+    in_unit,
     attention, check_remat_policy, conv, timestep_embedding, unit,
 )
 
@@ -466,21 +466,6 @@ class UNet2DConditionModel(nn.Module):
 
         x = nn.silu(GroupNorm(c.norm_num_groups, c.norm_eps, pd, name="conv_norm_out")(x))
         return conv(c.out_channels, c.conv_out_kernel, d, pd, "conv_out")(x)
-
-
-def in_unit(names: tuple[str, ...]) -> bool:
-    """True for a parameter inside a block that gathers its own weights (a ResNet or transformer block)."""
-    return any(_UNIT.fullmatch(n) for n in names)
-
-
-_UNIT = re.compile(r"(resnets|transformer_blocks)_\d+")
-
-
-def apply_sharded(model: UNet2DConditionModel, gather, params, *args, **kwargs):
-    """`model.apply` on fsdp *shards* inside a shard_map: each ResNet / transformer block gathers its own
-    weights when it runs (models/layers.unit); the few weights outside blocks (conv_in/out, embeddings,
-    norms, proj_in/out, resamplers: 2.1 % of SDXL, 9.2 % of SD-1.5) are gathered here for the whole call."""
-    return model.clone(gather=gather).apply({"params": gather(params, skip=in_unit)}, *args, **kwargs)
 
 
 def count_params(tree) -> int:

@@ -157,7 +157,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
         pred = bb.denoise(p, sched.add_noise(b["z"], noise, t), sched.model_timestep(t), {"prompt_embeds": b["c"]})
         return jnp.mean((pred - noise) ** 2)
 
-    unet_params, unet_losses = _run_phase("unet", cfg, cfg.unet_steps, bb.unet_params, unet_loss, unet_batch,
+    unet_params, unet_losses = _run_phase("unet", cfg, cfg.unet_steps, bb.params, unet_loss, unet_batch,
                                           work / "unet_ckpt", cfg.unet_lr, log)
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
