@@ -12,7 +12,6 @@ train.max_skipped_steps of them in a row stop the run (every checkpoint holds a 
 
 from __future__ import annotations
 
-import functools
 
 import contextlib
 import logging
@@ -231,7 +230,7 @@ def train(cfg, *, log=print) -> dict:
     if cfg.model.lora_rank > 0:  # train low-rank factors on the frozen base, which is also the reference
         alpha = cfg.model.lora_alpha or float(cfg.model.lora_rank)
         rank, key0 = cfg.model.lora_rank, jax.random.key(cfg.seed + 1)
-        lora_init = functools.partial(lora.init, rank=rank, targets=backbone.lora_targets, a_std=backbone.lora_a_std)
+        lora_init = lambda p, k: lora.init(p, rank, k, backbone.lora_targets, backbone.lora_a_std)  # noqa: E731
         if cfg.train.objective == "sft_pair":  # the winning and losing adapters, trained side by side
             factors = {"w": lora_init(host_unet, jax.random.fold_in(key0, 0)),
                        "l": lora_init(host_unet, jax.random.fold_in(key0, 1))}
@@ -388,7 +387,8 @@ def train(cfg, *, log=print) -> dict:
                "eval_reference": evaluator.reference if evaluator is not None else None,
                "checkpoint": str(out / "checkpoints" / str(mngr.latest_step())), "flops_per_step": flops,
                "params": state["params"], "records": str(cfg.data.records),
-               "samples": str(out / "samples") if grid is not None and grid.written else None, "export": None}
+               "samples": str(out / "samples") if grid is not None and grid.written else None, "export": None,
+               "pipeline": backbone.pipeline_class}
     mngr.close()
     if cfg.train.export_at_end:  # every process takes part in the restore; process 0 writes
         from ddspo_jax.export import export
@@ -486,7 +486,7 @@ def main(argv):
     if summary["samples"]:
         lines.append(f"  samples      {summary['samples']} (top row: reference, bottom: fine-tuned)")
     if summary["export"]:
-        lines.append(f"  diffusers    {summary['export']} (StableDiffusion*Pipeline.from_pretrained)")
+        lines.append(f"  diffusers    {summary['export']} ({summary.get('pipeline') or 'diffusers'}.from_pretrained)")
     print("\n".join(lines))
 
 

@@ -114,10 +114,11 @@ class SanaTransformerBlock(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_impl: Optional[str] = None
+    hw: tuple[int, int] = (0, 0)  # the token grid (a static fact, so remat never traces it)
 
     @nn.compact
-    def __call__(self, x, context, context_mask, temb, hw):
-        c, d, pd = self.config, self.dtype, self.param_dtype
+    def __call__(self, x, context, context_mask, temb):
+        c, d, pd, hw = self.config, self.dtype, self.param_dtype, self.hw
         b, dim = x.shape[0], c.inner_dim
         table = self.param("scale_shift_table", nn.initializers.normal(dim ** -0.5), (6, dim), pd)
         mods = table[None].astype(temb.dtype) + temb.reshape(b, 6, dim)
@@ -205,7 +206,7 @@ class SanaTransformer2DModel(nn.Module):
         for i in range(c.num_layers):
             name = f"transformer_blocks_{i}"
             block = unit(SanaTransformerBlock, self.remat_policy, self.gather, (name,))
-            x = block(c, d, pd, self.attention_impl, name=name)(x, ctx, encoder_attention_mask, temb, hw)
+            x = block(c, d, pd, self.attention_impl, hw, name=name)(x, ctx, encoder_attention_mask, temb)
 
         table = self.param("scale_shift_table", nn.initializers.normal(dim ** -0.5), (2, dim), pd)
         mods = table[None].astype(t_emb.dtype) + t_emb[:, None]
