@@ -149,3 +149,39 @@ def test_sana_road_export_loads_in_diffusers_with_our_output(tiny_sana, tmp_path
     assert sample.main(["--model", str(run), "--compare", str(tiny_sana), "--prompts", str(tmp_path / "p.txt"),
                         "--steps", "2", "--out", str(tmp_path / "samples")]) == 0
     assert (tmp_path / "samples" / "compare.png").is_file()
+
+
+def test_sana_step_meshes_equal_single_device(tiny_sana):
+    """The SANA transformer in the shard_map step, blocks remat'ed and gathering their own fsdp shards:
+    (data 2, fsdp 4) and (data 8, fsdp 1) give the single-device losses and parameters."""
+    from ddspo_jax import parallel, step as step_lib
+    from ddspo_jax.config import base_config
+
+    cfg = base_config()
+    cfg.model.path, cfg.model.dtype, cfg.model.remat_policy = str(tiny_sana), "float32", "block"
+    cfg.train.beta, cfg.train.batch_size, cfg.train.lr, cfg.train.warmup_steps = 500.0, 8, 1e-3, 0
+    cfg.schedule.kind = "flow"
+    bb = load_backbone(cfg.model, cfg.schedule, text=False, vae=False, log=None)
+    rng = np.random.default_rng(0)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    mask = (np.arange(9)[None] < rng.integers(3, 10, (8, 1))).astype(np.int32)
+    batches = [{"x0_w": f(8, 16, 16, 4), "x0_l": f(8, 16, 16, 4),
+                "cond_w": {"prompt_embeds": f(8, 9, 16), "prompt_attention_mask": mask},
+                "cond_l": {"prompt_embeds": f(8, 9, 16), "prompt_attention_mask": mask}} for _ in range(2)]
+    shape = jax.eval_shape(lambda: bb.params)
+    results = []
+    for data, fsdp, devs in ((1, 1, jax.devices()[:1]), (2, 4, None), (8, 1, None)):
+        mesh = parallel.make_mesh(data, fsdp, devs)
+        opt, _ = step_lib.make_optimizer(cfg, cfg.train.lr)
+        train_step = step_lib.make_train_step(bb.denoise, bb.schedule, cfg, mesh, opt, shape)
+        ref = parallel.shard_tree(bb.params, mesh)
+        state = step_lib.create_state(parallel.shard_tree(bb.params, mesh), opt, mesh)
+        losses = []
+        for b in batches:
+            state, m = train_step(state, ref, b, jax.random.key(5))
+            losses.append(float(jax.device_get(m)["loss"]))
+        results.append((jax.device_get(state["params"]), losses))
+    assert results[0][1][0] == pytest.approx(np.log(2.0), abs=1e-4) and results[0][1][1] != pytest.approx(np.log(2.0))
+    for params, losses in results[1:]:
+        np.testing.assert_allclose(losses, results[0][1], rtol=2e-5)
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6), params, results[0][0])

@@ -3,6 +3,7 @@ from a wheel installed outside the checkout."""
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,11 @@ def test_wheel_installed_elsewhere_runs(tmp_path):
                          env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (work / "toy" / "toy_results.csv").is_file()
+
+
+def test_family_names_only_behind_the_backbone_interface():
+    """Adding a family is one backbones/ module plus its ports: no other code tests a family's name."""
+    allowed = {"backbones", "models", "convert", "configs"}
+    hits = [f"{p.relative_to(PKG)}:{i}" for p in PKG.rglob("*.py") if p.relative_to(PKG).parts[0] not in allowed
+            for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"sdxl|sana", line)]
+    assert not hits, hits

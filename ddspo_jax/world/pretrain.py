@@ -46,14 +46,21 @@ class PretrainConfig:
 
 
 def batch_of_scenes(cfg: PretrainConfig, phase: int, step: int, metas: list[dict]):
-    """(images [B, R, R, 3] in [0, 1], captions) for one step: a pure function of (seed, phase, step)."""
+    """(images [B, R, R, 3] in [0, 1], captions) for one step: a pure function of (seed, phase, step). The
+    caption form (world.prompts.training_set's tags) is drawn uniformly first, so the few distinct counting
+    captions are seen as often as the many compound ones."""
     rng = np.random.default_rng([cfg.seed, phase, step])
-    picks = rng.integers(0, len(metas), cfg.batch)
+    by_tag: dict[str, list[dict]] = {}
+    for m in metas:
+        by_tag.setdefault(m["tag"], []).append(m)
+    tags = sorted(by_tag)
     images, captions = [], []
-    for i in picks:
-        img, _ = scenes.render_for(metas[int(i)], rng, cfg.resolution)
+    for _ in range(cfg.batch):
+        group = by_tag[tags[int(rng.integers(len(tags)))]]
+        meta = group[int(rng.integers(len(group)))]
+        img, _ = scenes.render_for(meta, rng, cfg.resolution)
         images.append(img)
-        captions.append(metas[int(i)]["prompt"])
+        captions.append(meta["prompt"])
     return np.stack(images), captions
 
 

@@ -3,8 +3,8 @@
 Each line: {"tag", "prompt", "include": [{"class", "count", "color"?, "position"?: [relation, index]}],
 "exclude"?: [...]}, tags single_object, two_object, counting, colors, position, color_attr, as GenEval's
 `evaluation_metadata.jsonl`. `geneval_set()` is every prompt the templates make (the held-out evaluation
-set); `training_set()` captions random scenes with compound phrases the templates never make ("two red
-circles and a blue square"), so the evaluation prompts are held out by construction.
+set); `training_set()` captions random scenes with phrases the templates never make (compound groups, or a
+template with colours the template does not have), so the evaluation prompts are held out by construction.
 """
 
 from __future__ import annotations
@@ -58,25 +58,50 @@ def _phrase(n: int, color: str | None, shape: str) -> str:
     return (_a(" ".join(words)) if n == 1 else f"{NUMBERS[n]} {' '.join(words)}")
 
 
+def _colored(color: str | None, shape: str) -> str:
+    return _a(f"{color} {shape}" if color else shape)
+
+
 def training_set(n: int, seed: int = 0) -> list[dict]:
-    """`n` distinct compound captions (two groups, each a count 1-3 with a colour), none a template prompt."""
+    """`n` distinct training captions, none an evaluation prompt, in four forms (equally likely) that together
+    use every word of the templates, so the evaluation set tests recombination, not new words:
+      compound  "a photo of two red circles and a blue square"  (two groups, counts 1-3, both coloured)
+      position  "a photo of a red square left of a triangle"    (the position template with 1-2 colours)
+      counting  "a photo of three red circles"                  (the counting template with a colour)
+      partial   "a photo of a red circle and a square"          (two objects, one coloured)
+    The uncoloured and fully coloured variants of the last three ARE template prompts, hence held out."""
     rng = np.random.default_rng(seed)
     held_out = {m["prompt"] for m in geneval_set()}
     out, seen = [], set()
     while len(out) < n:
-        s1, s2 = rng.choice(SHAPES, 2, replace=False)
-        n1, n2 = rng.integers(1, 4, 2)
-        c1, c2 = rng.choice(COLORS, 2)
-        if n1 == n2 == 1:
-            n1 = 2
-        prompt = f"a photo of {_phrase(n1, c1, s1)} and {_phrase(n2, c2, s2)}"
-        if prompt in seen or prompt in held_out:
+        form = rng.integers(4)
+        s1, s2 = (str(x) for x in rng.choice(SHAPES, 2, replace=False))
+        c1, c2 = (str(x) for x in rng.choice(COLORS, 2))
+        if form == 0:
+            n1, n2 = (int(x) for x in rng.integers(1, 4, 2))
+            if n1 == n2 == 1:
+                n1 = 2
+            m = {"tag": "compound", "prompt": f"a photo of {_phrase(n1, c1, s1)} and {_phrase(n2, c2, s2)}",
+                 "include": [{"class": s1, "count": n1, "color": c1}, {"class": s2, "count": n2, "color": c2}],
+                 "exclude": [{"class": s1, "count": n1 + 1}, {"class": s2, "count": n2 + 1}]}
+        elif form == 1:
+            rel = str(RELATIONS[rng.integers(len(RELATIONS))])
+            keep = int(rng.integers(3))  # 0: both coloured, 1: only the first named, 2: only the anchor
+            k2, k1 = (c2 if keep != 2 else None), (c1 if keep != 1 else None)
+            m = {"tag": "position", "prompt": f"a photo of {_colored(k2, s2)} {rel} {_colored(k1, s1)}",
+                 "include": [{"class": s1, "count": 1, **({"color": k1} if k1 else {})},
+                             {"class": s2, "count": 1, **({"color": k2} if k2 else {}), "position": [rel, 0]}]}
+        elif form == 2:
+            k = int(rng.integers(2, 5))
+            m = {"tag": "counting", "prompt": f"a photo of {NUMBERS[k]} {c1} {_plural(s1)}",
+                 "include": [{"class": s1, "count": k, "color": c1}], "exclude": [{"class": s1, "count": k + 1}]}
+        else:
+            m = {"tag": "partial", "prompt": f"a photo of {_colored(c1, s1)} and {_colored(None, s2)}",
+                 "include": [{"class": s1, "count": 1, "color": c1}, {"class": s2, "count": 1}]}
+        if m["prompt"] in seen or m["prompt"] in held_out:
             continue
-        seen.add(prompt)
-        out.append({"tag": "compound", "prompt": prompt,
-                    "include": [{"class": str(s1), "count": int(n1), "color": str(c1)},
-                                {"class": str(s2), "count": int(n2), "color": str(c2)}],
-                    "exclude": [{"class": str(s1), "count": int(n1) + 1}, {"class": str(s2), "count": int(n2) + 1}]})
+        seen.add(m["prompt"])
+        out.append(m)
     return out
 
 
