@@ -179,9 +179,13 @@ def test_sana_step_meshes_equal_single_device(tiny_sana):
         losses = []
         for b in batches:
             state, m = train_step(state, ref, b, jax.random.key(5))
-            losses.append(float(jax.device_get(m)["loss"]))
+            m = jax.device_get(m)
+            losses += [float(m["loss"]), float(m["grad_norm"])]
         results.append((jax.device_get(state["params"]), losses))
-    assert results[0][1][0] == pytest.approx(np.log(2.0), abs=1e-4) and results[0][1][1] != pytest.approx(np.log(2.0))
+    assert results[0][1][0] == pytest.approx(np.log(2.0), abs=1e-4) and results[0][1][2] != pytest.approx(np.log(2.0))
     for params, losses in results[1:]:
         np.testing.assert_allclose(losses, results[0][1], rtol=2e-5)
-        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6), params, results[0][0])
+        # losses and gradient norms agree to float32 roundoff; Adam's m / sqrt(v) turns roundoff in near-zero
+        # gradients into O(lr) steps, so parameters are held to a fifth of one step (lr = 1e-3) per step
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=0.2 * 1e-3 * len(batches)),
+                     params, results[0][0])
