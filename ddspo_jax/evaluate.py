@@ -321,12 +321,23 @@ class TrainingEval:
         images = np.concatenate([generate_images(self.bb, self.gen, rep, self.prompts[a:a + b],
                                                  range(a, min(a + b, n)), batch=b) for a in range(0, n, b)])
         s = np.asarray(self.scorer.score(images, self.prompts), np.float64)
+        self.last_scores = s
         out = {self.scorer.name: float(s.mean())}
         if getattr(self.scorer, "binary", False) and hasattr(self.scorer, "tag"):
             g = tag_summary({"m": s[:, None]}, [self.scorer.tag(q) for q in self.prompts], n_boot=1)
             out = {f"{self.scorer.name}_overall": g["models"]["m"]["overall"],
                    **{f"{self.scorer.name}_{t}": v["accuracy"] for t, v in g["models"]["m"]["per_tag"].items()}}
         return out
+
+    def table(self) -> str | None:
+        """The last evaluation beside the reference: GenEval's per-tag table with intervals and the paired
+        difference (a binary scorer with tags, e.g. shapes), else None."""
+        if getattr(self, "reference_scores", None) is None or not (getattr(self.scorer, "binary", False)
+                                                                    and hasattr(self.scorer, "tag")):
+            return None
+        s = tag_summary({"fine-tuned": self.last_scores[:, None], "reference": self.reference_scores[:, None]},
+                        [self.scorer.tag(q) for q in self.prompts])
+        return tag_table(s, {"fine-tuned": "fine-tuned", "reference": "reference"})
 
     def __call__(self, step_no, ref_params, params):
         import jax
@@ -337,6 +348,7 @@ class TrainingEval:
             self._setup()
         if self.reference is None:
             self.reference = self.scores(ref_params)
+            self.reference_scores = self.last_scores
         cur = self.scores(params)
         self.writer.write_scalars(step_no, {**{f"eval/{k}": v for k, v in cur.items()},
                                             **{f"eval/{k}_reference": v for k, v in self.reference.items()}})

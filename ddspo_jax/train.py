@@ -388,7 +388,7 @@ def train(cfg, *, log=print) -> dict:
                "checkpoint": str(out / "checkpoints" / str(mngr.latest_step())), "flops_per_step": flops,
                "params": state["params"], "records": str(cfg.data.records),
                "samples": str(out / "samples") if grid is not None and grid.written else None, "export": None,
-               "pipeline": backbone.pipeline_class}
+               "pipeline": backbone.pipeline_class, "eval_table": evaluator.table() if evaluator is not None else None}
     mngr.close()
     if cfg.train.export_at_end:  # every process takes part in the restore; process 0 writes
         from ddspo_jax.export import export
@@ -487,6 +487,9 @@ def main(argv):
         lines.append(f"  samples      {summary['samples']} (top row: reference, bottom: fine-tuned)")
     if summary["export"]:
         lines.append(f"  diffusers    {summary['export']} ({summary.get('pipeline') or 'diffusers'}.from_pretrained)")
+    if summary.get("eval_table"):
+        lines += [f"held-out evaluation ({cfg.train.eval_prompts}, one image per prompt, seed {cfg.seed}):",
+                  summary["eval_table"]]
     print("\n".join(lines))
 
 

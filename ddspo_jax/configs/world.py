@@ -1,0 +1,44 @@
+"""The embedded default: DDSPO on the scene world's pre-trained model, measured on a CPU in minutes.
+
+  python -m ddspo_jax.train --config configs/world.py
+
+The world model (ddspo_jax/world/model: a small SD-architecture pipeline the project trained itself on
+rendered scenes, `python -m ddspo_jax.world pretrain`) is the reference. Preference pairs are prepared from
+the world's training captions with the paper's default degradation (random removal of 40-70 % of the words);
+DDSPO fine-tunes it; at the end both the reference and the fine-tuned model are scored on the held-out
+GenEval-style prompts (world_eval.jsonl) by the pixel judge, and the per-tag table is printed.
+"""
+
+from pathlib import Path
+
+from ddspo_jax.config import base_config
+
+PROMPTS = Path(__file__).resolve().parent / "prompts"
+WORLD_MODEL = Path(__file__).resolve().parent.parent / "world" / "model"
+
+
+def get_config():
+    c = base_config()
+    c.output_dir = "runs/world"
+    c.model.path = str(WORLD_MODEL)
+    c.model.dtype = "float32"           # bf16 is slow on CPUs
+    c.data.prompts = str(PROMPTS / "world_train.jsonl")
+    c.data.prompt_limit = 256
+    c.data.records = "runs/world/records"
+    c.data.shard_size = 64
+    c.prepare.batch_size = 32
+    c.prepare.steps = 20                # DDIM (the world model's scheduler), CFG 7.5 (the SD default)
+    c.train.objective = "ddspo"
+    c.train.beta = 16000.0
+    c.train.lr = 16000.0 / 2.048e8      # the paper's text's rule; the release's 2.5e-9 x 32 pairs would not move
+    c.train.batch_size = 32
+    c.train.micro_batch_per_device = 16
+    c.train.steps = 40
+    c.train.warmup_steps = 5
+    c.train.checkpoint_every = 20
+    c.train.sample_every = 40
+    c.train.sample_prompts = ("a photo of a red circle", "a photo of three squares",
+                              "a photo of a blue triangle left of a yellow ring", "a photo of a green ring and a square")
+    c.train.eval_prompts = str(PROMPTS / "world_eval.jsonl")
+    c.train.eval_scorer = "shapes"
+    return c
