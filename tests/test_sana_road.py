@@ -189,3 +189,30 @@ def test_sana_step_meshes_equal_single_device(tiny_sana):
         # gradients into O(lr) steps, so parameters are held to a fifth of one step (lr = 1e-3) per step
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=0.2 * 1e-3 * len(batches)),
                      params, results[0][0])
+
+
+def test_generation_equals_the_sana_pipeline_loop(tiny_sana):
+    """prepare's and sample's generation (backbone encode + negative + the one jitted DPM-Solver++ 2M CFG
+    sampler) equals diffusers' SanaPipeline(...) on the same prompts and initial noise, latents out."""
+    import torch
+    from diffusers import SanaPipeline
+
+    from ddspo_jax import parallel, sampling
+    from ddspo_jax.backbones import generation_settings
+    from ddspo_jax.config import base_config
+
+    c = base_config()
+    c.model.path, c.model.dtype = str(tiny_sana), "float32"
+    bb = load_backbone(c.model, c.schedule, text=True, vae=False, log=None)
+    s = generation_settings(bb, steps=4)
+    assert (s["sampler"], s["guidance"], s["resolution"]) == ("flow_dpmpp_2m", 4.5, 64)
+    gen = sampling.Generator(bb, s, parallel.make_mesh(devices=jax.devices()[:1]))
+    prompts = ["a red cube on top of a blue sphere", "two green cars"]
+    noise = gen.noise([0, 1])
+    ours = gen(sampling.replicate(bb.params, gen.mesh), bb.encode(prompts), noise)
+    pipe = SanaPipeline.from_pretrained(tiny_sana)
+    with torch.no_grad():
+        theirs = pipe(prompts, num_inference_steps=4, guidance_scale=4.5, height=64, width=64,
+                      latents=torch.from_numpy(noise.transpose(0, 3, 1, 2).copy()), output_type="latent",
+                      use_resolution_binning=False).images.numpy().transpose(0, 2, 3, 1)
+    assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max(), np.abs(ours - theirs).max()
