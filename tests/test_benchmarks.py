@@ -84,3 +84,22 @@ def test_per_device_memory_falls_with_fsdp():
         assert abs(r["xla_args_check"]) * 2**30 < 4096 and abs(r["xla_update_args_check"]) * 2**30 < 4096, r
     assert four["resident"] <= 0.35 * one["resident"], (four["resident"], one["resident"])
     assert four["acc"] <= 0.35 * one["acc"] and four["opt"] <= 0.35 * one["opt"]
+
+
+@pytest.mark.slow  # ~3 min: eight one-step trainings and nine tiny evaluations
+def test_objectives_benchmark_smoke(tmp_path):
+    """benchmarks/objectives.py on the world model with minimal settings: every method runs on the same
+    records, the CSVs and the figure are written, and the summary names each method."""
+    script = SCRIPT.parent / "objectives.py"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"),
+                           "--seeds", "1", "--steps", "1", "--pairs", "8", "--eval-limit", "6", "--sampler-steps", "2",
+                           "--dspo-weights", "beta,100"], capture_output=True, text=True, timeout=1200, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for f in ("objectives.csv", "objectives_summary.csv", "objectives.png"):
+        assert (tmp_path / "out" / f).is_file()
+    rows = (tmp_path / "out" / "objectives.csv").read_text().splitlines()
+    methods = {r.split(",")[0] for r in rows[1:]}
+    assert {"Reference", "SFT", "Diffusion-DPO", "DSPO+CPP", "DDSPO", "DDSPO Rand-positive",
+            "DDSPO Not-paired", "DSPO w=beta", "DSPO w=100"} <= methods, methods
+    assert re.search(r"\| DDSPO \| 1 \| [0-9.]+ ± 0.000", proc.stdout), proc.stdout[-2000:]

@@ -76,3 +76,23 @@ def test_tiny_road_end_to_end(tmp_path):
     import json
     s = json.loads((tmp_path / "ev" / "summary.json").read_text())["geneval"]["models"]["model"]["overall"]
     assert abs(s - logged) < 1e-4
+
+
+def test_world_default_prints_reference_vs_finetuned_table(tmp_path):
+    """README's first command (configs/world.py) with small settings: records from the world's training
+    captions, DDSPO on the shipped world model, the held-out table (reference vs fine-tuned) at the end."""
+    from ddspo_jax.configs.world import WORLD_MODEL
+
+    assert (WORLD_MODEL / "model_index.json").is_file(), "the shipped world model is missing"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    res = subprocess.run([sys.executable, "-m", "ddspo_jax.train", f"--config={REPO / 'configs' / 'world.py'}",
+                          f"--config.output_dir={tmp_path / 'run'}", f"--config.data.records={tmp_path / 'rec'}",
+                          "--config.data.prompt_limit=16", "--config.data.shard_size=8", "--config.prepare.steps=4",
+                          "--config.train.batch_size=8", "--config.train.micro_batch_per_device=2",
+                          "--config.train.steps=2", "--config.train.checkpoint_every=2", "--config.train.sample_every=2",
+                          "--config.train.warmup_steps=1", "--config.train.eval_limit=24"],
+                         capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-4000:]
+    out = res.stdout
+    assert "held-out evaluation" in out and "GenEval accuracy per tag" in out, out[-3000:]
+    assert "fine-tuned" in out and "reference" in out and "overall" in out and "difference" in out
