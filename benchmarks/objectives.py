@@ -1,14 +1,15 @@
 """The paper's comparisons (Tab. 1 / Tab. 6) on the scene world: every objective on the same records, scored by
 the pixel judge on the held-out GenEval-style prompts, over several seeds.
 
-  python benchmarks/objectives.py [--out docs/world] [--seeds 3] [--steps 40] [--pairs 256]
+  python benchmarks/objectives.py [--out docs/world] [--seeds 3] [--steps 40] [--pairs 256] [--eval-stride 2]
 
 Methods: reference (no training), SFT, Diffusion-DPO, DSPO (its weight w swept on seed 0 first; the best is
 then run on every seed, and reported), DSPO+CPP, DDSPO, and DDSPO's efficient variants Rand-positive and
 Not-paired. Every run starts from the world model (configs/world.py), reads the same preference records and
 differs only in `train.objective` / `train.dspo_weight` / `data.variant` and the seed (which draws timesteps
 and noise). Writes objectives.csv (one row per run: overall and per-tag accuracy), objectives_summary.csv
-(mean +- std per method) and objectives.png under --out; prints the summary table.
+(mean +- std per method) and objectives.png under --out; prints the summary table. Runs live under --work
+and resume from their checkpoints: delete it to start over.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", type=int, default=256)
     ap.add_argument("--sampler-steps", type=int, default=20)
     ap.add_argument("--eval-limit", type=int, default=0, help="score only the first N held-out prompts")
+    ap.add_argument("--eval-stride", type=int, default=1, help="score every K-th held-out prompt (all tags kept)")
     ap.add_argument("--dspo-weights", default="beta,1000,100", help="DSPO w values swept on seed 0 ('beta': w = β)")
     args = ap.parse_args(argv)
 
@@ -98,10 +100,16 @@ def main(argv=None) -> int:
 
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     cfg = base_cfg(args, work)
     prepare.run_prepare(cfg, progress=False)
-    score = Scorer(cfg, str(PROMPTS / "world_eval.jsonl"), args.eval_limit)
+    eval_file = PROMPTS / "world_eval.jsonl"
+    if args.eval_stride > 1:
+        lines = eval_file.read_text().splitlines()[::args.eval_stride]
+        eval_file = work / "eval.jsonl"
+        eval_file.write_text("\n".join(lines) + "\n")
+    score = Scorer(cfg, str(eval_file), args.eval_limit)
     rows = [{"method": "Reference", "seed": 0, **score(score.bb.params)}]
     print(f"Reference: {rows[0]}", flush=True)
 
