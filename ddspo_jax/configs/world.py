@@ -27,7 +27,8 @@ def get_config():
     c.data.records = "runs/world/records"
     c.data.shard_size = 64
     c.prepare.batch_size = 32
-    c.prepare.steps = 20                # DDIM (the world model's scheduler), CFG 7.5 (the SD default)
+    c.prepare.sampler = "ddim"          # the world model's scheduler; CFG 7.5 (the SD default)
+    c.prepare.steps = 20
     c.train.objective = "ddspo"
     c.train.beta = 16000.0
     c.train.lr = 16000.0 / 2.048e8      # the paper's text's rule; the release's 2.5e-9 x 32 pairs would not move
