@@ -79,6 +79,11 @@ def test_wheel_installed_elsewhere_runs(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(wheels), str(root)], check=True, timeout=600)
     wheel = next(wheels.glob("ddspo_jax-*.whl"))
+    import zipfile
+
+    names = set(zipfile.ZipFile(wheel).namelist())  # the shipped world model travels with the package
+    assert {"ddspo_jax/world/model/model_index.json", "ddspo_jax/world/model/unet/diffusion_pytorch_model.safetensors",
+            "ddspo_jax/world/model/tokenizer/vocab.json"} <= names
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     py = venv / "bin" / "python"
