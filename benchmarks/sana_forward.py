@@ -12,10 +12,8 @@ on identical inputs (medians of --iters runs after compilation / warm-up). Last 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import jax
@@ -24,22 +22,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ddspo_jax.models.unet import count_params  # noqa: E402
+from unet_forward import _median_ms  # noqa: E402  (the same timing as the UNet table)
 
 # SANA's block structure (linear self-attention, masked cross-attention, Mix-FFN), CPU-sized.
 SMALL = dict(in_channels=32, out_channels=32, num_attention_heads=8, attention_head_dim=32, num_layers=4,
              num_cross_attention_heads=8, cross_attention_head_dim=32, cross_attention_dim=256,
              caption_channels=256, mlp_ratio=2.5, sample_size=16, patch_size=1)
-
-
-def _median_ms(fn, iters: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
 
 
 def _inputs(b: int, s: int, c: dict, tokens: int):

@@ -36,7 +36,7 @@ __all__ = ["ensure_tiny_model", "build_tiny_model", "TINY_PROMPTS", "TINY_VERSIO
 TINY_VERSION = 1  # bump when anything written changes: cached folders of another version are rebuilt elsewhere
 MARKER = "ddspo_tiny.json"
 TINY_PROMPTS = Path(__file__).resolve().parent / "configs" / "prompts" / "tiny_prompts.txt"
-_FAKE_DIFFUSERS_VERSION = "0.30.0"  # fixed, so the bytes do not depend on the installed diffusers
+FAKE_DIFFUSERS_VERSION = "0.30.0"  # written into tiny configs: their bytes do not depend on the installed diffusers
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 # ------------------------------------------------------------------------------------------ prompt words

@@ -28,6 +28,7 @@ import numpy as np
 from ddspo_jax.backbones import Backbone
 from ddspo_jax.convert.common import ConversionError
 from ddspo_jax.convert.sana import LORA_TARGETS
+from ddspo_jax.tiny import FAKE_DIFFUSERS_VERSION
 
 COMPLEX_HUMAN_INSTRUCTION = (
     "Given a user prompt, generate an 'Enhanced prompt' that provides detailed visual descriptions suitable for "
@@ -124,7 +125,6 @@ class SanaPromptEncoder:
 
 
 # ------------------------------------------------------------------------------------------ backbone
-_FAKE_DIFFUSERS_VERSION = "0.30.0"  # fixed, so the tiny model's bytes do not depend on the installed diffusers
 _TINY_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;'-> \n"
 
 
@@ -196,8 +196,7 @@ class SanaBackbone(Backbone):
     def _load_vae(self):
         from ddspo_jax.convert import load_dcae
 
-        model, params = load_dcae(self.path)
-        return model, params
+        return load_dcae(self.path)
 
     def _vae_encode(self, params, x):  # DC-AE leaves the scaling to its caller, as in diffusers
         return self.vae.apply({"params": params}, x, method="encode") * self.vae.config.scaling_factor
@@ -236,7 +235,7 @@ class SanaBackbone(Backbone):
             num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
             mlp_ratio=2.5, sample_size=16, patch_size=1))
         export_sana(tr, fill_params(tr.init_shapes(), seed), out / "transformer")
-        dcae = dict(_class_name="AutoencoderDC", _diffusers_version=_FAKE_DIFFUSERS_VERSION, in_channels=3,
+        dcae = dict(_class_name="AutoencoderDC", _diffusers_version=FAKE_DIFFUSERS_VERSION, in_channels=3,
                     latent_channels=4, attention_head_dim=8,
                     encoder_block_types=["ResBlock", "ResBlock", "EfficientViTBlock"],
                     decoder_block_types=["ResBlock", "ResBlock", "EfficientViTBlock"],
@@ -248,13 +247,13 @@ class SanaBackbone(Backbone):
         export_dcae(dcae, fill_params(AutoencoderDC(DCAEConfig.from_dict(dcae)).init_shapes(), seed + 1), out / "vae")
         (out / "scheduler").mkdir(exist_ok=True)
         write_json(out / "scheduler" / "scheduler_config.json", {  # as the released SANA pipelines ship it
-            "_class_name": "DPMSolverMultistepScheduler", "_diffusers_version": _FAKE_DIFFUSERS_VERSION,
+            "_class_name": "DPMSolverMultistepScheduler", "_diffusers_version": FAKE_DIFFUSERS_VERSION,
             "algorithm_type": "dpmsolver++", "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001,
             "final_sigmas_type": "zero", "flow_shift": 3.0, "lower_order_final": True, "num_train_timesteps": 1000,
             "prediction_type": "flow_prediction", "solver_order": 2, "solver_type": "midpoint", "steps_offset": 0,
             "timestep_spacing": "linspace", "use_flow_sigmas": True})
         write_json(out / "model_index.json", {
-            "_class_name": cls.pipeline_class, "_diffusers_version": _FAKE_DIFFUSERS_VERSION,
+            "_class_name": cls.pipeline_class, "_diffusers_version": FAKE_DIFFUSERS_VERSION,
             "scheduler": ["diffusers", "DPMSolverMultistepScheduler"], "text_encoder": ["transformers", "Gemma2Model"],
             "tokenizer": ["transformers", "GemmaTokenizer"], "transformer": ["diffusers", "SanaTransformer2DModel"],
             "vae": ["diffusers", "AutoencoderDC"]})

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 from ddspo_jax.backbones import Backbone
+from ddspo_jax.tiny import FAKE_DIFFUSERS_VERSION
 
-_FAKE_DIFFUSERS_VERSION = "0.30.0"  # fixed, so the tiny model's bytes do not depend on the installed diffusers
 
 
 class SD1Backbone(Backbone):
@@ -118,7 +118,7 @@ class SD1Backbone(Backbone):
         unet_cfg = cls._tiny_unet()
         export_unet(unet_cfg, fill_params(UNet2DConditionModel.from_config(unet_cfg).init_shapes(), seed),
                     out / "unet")
-        vae_cfg = dict(_class_name="AutoencoderKL", _diffusers_version=_FAKE_DIFFUSERS_VERSION, act_fn="silu",
+        vae_cfg = dict(_class_name="AutoencoderKL", _diffusers_version=FAKE_DIFFUSERS_VERSION, act_fn="silu",
                        block_out_channels=[16, 32, 32], down_block_types=["DownEncoderBlock2D"] * 3,
                        up_block_types=["UpDecoderBlock2D"] * 3, in_channels=3, out_channels=3, latent_channels=4,
                        layers_per_block=1, norm_num_groups=8, sample_size=64, scaling_factor=cls._tiny_vae_scaling)
@@ -128,7 +128,7 @@ class SD1Backbone(Backbone):
             model = CLIPTextModel(CLIPTextConfig.from_dict(cfg))
             export_clip_text(cfg, fill_params(model.init_shapes(), seed + 2 + i), out / enc)
             write_clip_tokenizer(out / tok, pad)
-        sched = dict(_diffusers_version=_FAKE_DIFFUSERS_VERSION, beta_start=0.00085, beta_end=0.012,
+        sched = dict(_diffusers_version=FAKE_DIFFUSERS_VERSION, beta_start=0.00085, beta_end=0.012,
                      beta_schedule="scaled_linear", num_train_timesteps=1000, prediction_type="epsilon",
                      steps_offset=1, timestep_spacing="leading", clip_sample=False, set_alpha_to_one=False,
                      trained_betas=None, _class_name=cls._tiny_scheduler)
@@ -138,7 +138,7 @@ class SD1Backbone(Backbone):
         (out / "scheduler").mkdir(exist_ok=True)
         write_json(out / "scheduler" / "scheduler_config.json", sched)
         write_json(out / "model_index.json", {
-            "_class_name": cls.pipeline_class, "_diffusers_version": _FAKE_DIFFUSERS_VERSION,
+            "_class_name": cls.pipeline_class, "_diffusers_version": FAKE_DIFFUSERS_VERSION,
             "feature_extractor": [None, None], "image_encoder": [None, None],
             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
@@ -181,7 +181,7 @@ class SDXLBackbone(SD1Backbone):
 
 
 _TINY_UNET = dict(
-    _class_name="UNet2DConditionModel", _diffusers_version=_FAKE_DIFFUSERS_VERSION, act_fn="silu",
+    _class_name="UNet2DConditionModel", _diffusers_version=FAKE_DIFFUSERS_VERSION, act_fn="silu",
     block_out_channels=[32, 64], layers_per_block=1, in_channels=4, out_channels=4, sample_size=16,
     center_input_sample=False, flip_sin_to_cos=True, freq_shift=0, downsample_padding=1,
     mid_block_scale_factor=1, norm_eps=1e-5, norm_num_groups=8)
