@@ -37,8 +37,11 @@ def test_cpu_comparison_table_and_loss_agreement():
     assert r["jax_loss0"] == pytest.approx(r["torch_loss0"], rel=1e-4)
     assert r["torch_loss0"] == pytest.approx(math.log(2), rel=1e-4)
     # Step 1, after one AdamW update from identical weights with identical t and noise: the informative check.
+    # Adam's first update is lr * g / (|g| + eps) ~ lr * sign(g), so gradient entries at roundoff level take a
+    # full lr step whose sign differs between the two frameworks: 1.7e-4 and 2.7e-4 relative were seen (CI),
+    # while a wrong objective, beta, lr or update moves this loss by tens of percent (0.69 -> 0.01..0.34).
     assert abs(r["jax_loss1"] - math.log(2)) > 1e-3, "step-1 loss did not move; the comparison would be vacuous"
-    assert r["jax_loss1"] == pytest.approx(r["torch_loss1"], rel=1e-4)
+    assert r["jax_loss1"] == pytest.approx(r["torch_loss1"], rel=2e-3)
 
 
 @pytest.mark.slow

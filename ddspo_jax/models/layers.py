@@ -121,8 +121,29 @@ def conv(features: int, kernel: int, dtype, param_dtype, name: str, stride: int 
     p = (kernel - 1) // 2 if padding is None else padding
     if kw.get("feature_group_count", 1) == features and stride == 1 and features > 1:
         return DepthwiseConv(features, kernel, p, kw.get("use_bias", True), dtype, param_dtype, name=name)
+    if kernel == 1 and stride == 1 and p == 0 and kw.get("feature_group_count", 1) == 1:
+        return PointwiseConv(features, kw.get("use_bias", True), dtype, param_dtype, name=name)
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)),
                    dtype=dtype, param_dtype=param_dtype, name=name, **kw)
+
+
+class PointwiseConv(nn.Module):
+    """A 1 x 1 conv as a matmul over channels, with nn.Conv's parameters (`kernel` [1, 1, C, O], `bias` [O]).
+    Why: XLA:CPU runs convolutions through Eigen but matmuls through its faster library dots, and the
+    UNet's 1x1 convs (proj_in / proj_out, conv_shortcut) are matmuls; other backends lower both alike."""
+
+    features: int
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("kernel", nn.initializers.lecun_normal(), (1, 1, x.shape[-1], self.features), self.param_dtype)
+        y = jnp.einsum("...c,co->...o", x.astype(self.dtype), w[0, 0].astype(self.dtype))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
+        return y
 
 
 class DepthwiseConv(nn.Module):
@@ -153,13 +174,15 @@ class DepthwiseConv(nn.Module):
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, impl: Optional[str] = None,
               upcast: bool = False, mask: Optional[jax.Array] = None, is_causal: bool = False) -> jax.Array:
-    """Multi-head attention over [B, T, heads*D] inputs through `jax.nn.dot_product_attention`.
+    """Multi-head attention over [B, T, heads*D] inputs.
 
-    `impl`: None is JAX's default (the XLA path today); 'xla' / 'cudnn' force one; 'auto' takes cuDNN
-    flash attention where it applies (GPU, bf16/fp16, head dim a multiple of 8 and <= 128, so SD-1.5's
-    160-wide heads stay on XLA), XLA elsewhere, query-chunked XLA ('chunked', below) for long sequences. Logits and softmax are float32 inside JAX already;
-    `upcast` (diffusers' `upcast_attention`) additionally runs the product in float32 off the cuDNN path.
-    `mask` ([B, 1, T, S] boolean) and `is_causal` are passed through (the CLIP text encoder uses them).
+    `impl`: None / 'xla' is `xla_attention` below (einsums, float32 logits and softmax, a backward pass that
+    recomputes the probabilities); 'cudnn' is `jax.nn.dot_product_attention`'s cuDNN flash attention;
+    'auto' takes cuDNN where it applies (GPU, bf16/fp16, head dim a multiple of 8 and <= 128, so SD-1.5's
+    160-wide heads stay on XLA), query-chunked XLA ('chunked', below) for long sequences, XLA elsewhere.
+    `upcast` (diffusers' `upcast_attention`) additionally runs the products in float32 off the cuDNN path.
+    `mask` ([B, 1, T, S] boolean, True = attend) and `is_causal` are supported on every path but cuDNN's
+    mask (the CLIP text encoder and SANA's cross-attention use them).
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation {impl!r} is not one of {ATTENTION_IMPLS}")
@@ -179,9 +202,64 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, impl: Option
         q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
     if impl == "chunked":
         out = _query_chunked(q, k, v)
+    elif impl == "cudnn":
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="cudnn")
     else:
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=impl)
+        out = xla_attention(q, k, v, mask, is_causal)
     return out.reshape(b, t, -1).astype(dtype)
+
+
+def xla_attention(q, k, v, mask=None, is_causal: bool = False):
+    """softmax(q k^T / sqrt(d)) v on [B, T, H, D] inputs, as `jax.nn.dot_product_attention(implementation=
+    "xla")` computes it (float32 logits and softmax, masked logits at -0.7 * float32 max), with a custom VJP.
+
+    Why not jax.nn's: on XLA:CPU its [B, T, groups, 1, S] layouts cost transposes of the whole probability
+    matrix and its autodiff backward keeps that matrix; this one works heads-major and its backward
+    recomputes the probabilities from (q, k) and uses the flash-attention identity
+    dS = P * (dP - rowsum(dO * O)): fwd+bwd of SD-like self-attention at [8, 256, 4, 16] is 17 ms vs 34 ms
+    (2 CPU cores), and only q, k, v and the output are saved for the backward pass."""
+    q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # [B, H, T, D]
+    t, s = q.shape[2], k.shape[2]
+    keep = None if mask is None else jnp.broadcast_to(jnp.asarray(mask, bool), (q.shape[0], 1, t, s))
+    if is_causal:
+        causal = jnp.tril(jnp.ones((t, s), bool))[None, None]
+        keep = causal if keep is None else keep & causal
+    return jnp.swapaxes(_attention_hm(q, k, v, keep), 1, 2)
+
+
+def _attention_probs(q, k, keep):
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+    if keep is not None:
+        logits = jnp.where(keep, logits, -0.7 * float(jnp.finfo(jnp.float32).max))
+    return jax.nn.softmax(logits, axis=-1)
+
+
+@jax.custom_vjp
+def _attention_hm(q, k, v, keep):
+    return jnp.einsum("bhqk,bhkd->bhqd", _attention_probs(q, k, keep).astype(v.dtype), v)
+
+
+def _attention_hm_fwd(q, k, v, keep):
+    out = _attention_hm(q, k, v, keep)
+    return out, (q, k, v, keep, out)
+
+
+def _attention_hm_bwd(res, d_out):
+    q, k, v, keep, out = res
+    p = _attention_probs(q, k, keep)  # recomputed: the [B, H, T, S] matrix is never a residual
+    # dV = P^T dO and dK = dS^T Q as (dO^T P)^T and (Q^T dS)^T: the transposes fall on the small [D, T]
+    # operands, not on the [T, S] matrices (XLA:CPU's library dots take only untransposed left operands).
+    t_ = lambda a: jnp.swapaxes(a, -1, -2)  # noqa: E731
+    dv = t_(jnp.einsum("bhdq,bhqk->bhdk", t_(d_out.astype(v.dtype)), p.astype(v.dtype)))
+    dp = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=jnp.float32)
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
+    ds = (p * (dp - delta) * (q.shape[-1] ** -0.5)).astype(q.dtype)
+    dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k)
+    dk = t_(jnp.einsum("bhdq,bhqk->bhdk", t_(q), ds))
+    return dq, dk.astype(k.dtype), dv, None
+
+
+_attention_hm.defvjp(_attention_hm_fwd, _attention_hm_bwd)
 
 
 # 'auto' off cuDNN: sequences of >= 2 chunks (SD's 64x64 and SDXL's 64x64 latent levels) attend in query
@@ -194,7 +272,7 @@ QUERY_CHUNK = 1024
 def _query_chunked(q, k, v):
     b, t, h, d = q.shape
     chunks = q.reshape(b, t // QUERY_CHUNK, QUERY_CHUNK, h, d).swapaxes(0, 1)
-    one = jax.checkpoint(lambda qc: jax.nn.dot_product_attention(qc, k, v, implementation="xla"))
+    one = jax.checkpoint(lambda qc: xla_attention(qc, k, v))
     out = jax.lax.map(one, chunks)
     return out.swapaxes(0, 1).reshape(b, t, h, v.shape[-1])
 
