@@ -7,9 +7,10 @@ matmuls/convs in `dtype`, normalisation and softmax in float32.
 
 from __future__ import annotations
 
-import re
-
+import dataclasses
+import functools
 import math
+import re
 from typing import Any, Callable, Optional
 
 import jax
@@ -40,15 +41,61 @@ def unit(module_cls, policy: str, gather=None, path: tuple[str, ...] = ()):
     """A block as the unit of rematerialisation and of the fsdp gather.
 
     With `gather` (a `parallel.Gather`, set only inside the train step's shard_map) the block's parameter
-    shards are all-gathered in the compute dtype when it runs (`nn.map_variables`), inside `nn.remat`, so the
-    whole weights live only while the block runs and the backward pass gathers them again. With policy
-    "none" only the gathered weights are recomputed (saved: everything else). Param names are unaffected."""
+    shards are all-gathered in the compute dtype when it runs, so the whole weights live only while the
+    block runs, and the backward pass gathers them again (`tied_remat`). With policy "none" only the
+    gathered weights are recomputed (saved: everything else). Param names are unaffected."""
     check_remat_policy(policy)
     if gather is None:
         return module_cls if policy == "none" else nn.remat(module_cls, policy=REMAT_POLICIES[policy])
-    mapped = nn.map_variables(module_cls, "params", trans_in_fn=lambda v: {"params": gather(v["params"], path)})
     keep = REMAT_POLICIES[policy] or jax.checkpoint_policies.save_anything_except_these_names("fsdp_gathered")
-    return nn.remat(mapped, policy=keep)
+    init_fields = [f.name for f in dataclasses.fields(module_cls) if f.init and f.name not in ("parent", "name")]
+
+    class Gathered(module_cls):
+        def __call__(self, *args):
+            inner = module_cls(**{k: getattr(self, k) for k in init_fields}, parent=None)
+            run = lambda shards, *a: inner.apply({"params": gather(shards, path)}, *a)  # noqa: E731
+            return tied_remat(run, keep, self.variables["params"], *args)
+
+    Gathered.__name__ = Gathered.__qualname__ = module_cls.__name__
+    return Gathered
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def tied_remat(run, keep, shards, *args):
+    """run(shards, *args) as `jax.checkpoint(run, policy=keep)`, with each gather tied to when it is needed.
+
+    Why: a block's all-gather depends on its parameter shards only, so a scheduler may start it (and keep
+    its result) long before the block runs, and the backward pass's recomputation depends only on saved
+    inputs, so it may be hoisted too, or merged with the forward's identical computation once XLA:CPU has
+    dropped the optimisation barriers (it does, before CSE: at SD-1.5 fsdp 8 the forward's gathered weights
+    stayed alive into the backward pass). Here the forward pass's shards depend on the block's input and the
+    backward pass's residuals on the incoming cotangent (`_after`), so neither can run before its turn."""
+    return run(_after(shards, args), *args)
+
+
+def _after(tree, token):
+    """`tree` with every floating leaf plus 0 * (a scalar of `token`): the same values, data-dependent on
+    `token` (through an optimisation barrier as well, for the backends that keep them). A non-finite token
+    makes them non-finite, which only happens when the block's output or cotangent is already non-finite
+    (and the step is then skipped)."""
+    tok = [x for x in jax.tree.leaves(token) if jnp.issubdtype(x.dtype, jnp.floating)]
+    if not tok:
+        return tree
+    tree, _ = jax.lax.optimization_barrier((tree, tok[0]))
+    zero = jnp.ravel(tok[0])[0].astype(jnp.float32) * 0.0
+    return jax.tree.map(lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def _tied_remat_fwd(run, keep, shards, *args):
+    return jax.vjp(jax.checkpoint(run, policy=keep), _after(shards, args), *args)
+
+
+def _tied_remat_bwd(run, keep, vjp_fn, g):
+    leaves, tree = jax.tree.flatten(vjp_fn)
+    return tuple(jax.tree.unflatten(tree, _after(leaves, g))(g))
+
+
+tied_remat.defvjp(_tied_remat_fwd, _tied_remat_bwd)
 
 
 def maybe_remat(module_cls, policy: str):
