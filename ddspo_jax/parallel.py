@@ -170,7 +170,7 @@ def fsdp_axes(tree, fsdp_size: int) -> dict[tuple[str, ...], int | None]:
 class Gather:
     """Turns fsdp shards into whole weights in the compute dtype, inside the step's shard_map.
 
-    A model calls it per block (`nn.map_variables` inside `nn.remat`, see models/layers.unit), so a
+    A model calls it per block (a checkpointed unit, see models/layers.unit and tied_remat), so a
     block's weights exist whole only while that block runs, and the backward pass gathers them again
     instead of keeping them; JAX transposes the all-gather into a reduce-scatter, so gradients come back
     fsdp-sharded. Floating leaves are cast to `dtype` *before* the gather (half the traffic in bf16).
