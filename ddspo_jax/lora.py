@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddspo_jax.errors import ConfigError
+from ddspo_jax.models.layers import blocks_read_closures
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out_0")
 SEP = "__"  # path separator inside the flat LoRA dict (Orbax-safe names)
@@ -118,7 +119,7 @@ def forward(factors: dict | None, alpha: float):
             return y
         return y + _delta(args[0], f, alpha / f["a"].shape[-1], groups).astype(y.dtype)
 
-    with nn.intercept_methods(intercept):
+    with nn.intercept_methods(intercept), blocks_read_closures():
         yield
 
 

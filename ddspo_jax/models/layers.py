@@ -7,6 +7,7 @@ matmuls/convs in `dtype`, normalisation and softmax in float32.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -48,6 +49,9 @@ def unit(module_cls, policy: str, gather=None, path: tuple[str, ...] = ()):
     if gather is None:
         return module_cls if policy == "none" else nn.remat(module_cls, policy=REMAT_POLICIES[policy])
     keep = REMAT_POLICIES[policy] or jax.checkpoint_policies.save_anything_except_these_names("fsdp_gathered")
+    if _CLOSURES[0]:  # blocks read differentiated values from outside their inputs: Flax's lifted remat
+        mapped = nn.map_variables(module_cls, "params", trans_in_fn=lambda v: {"params": gather(v["params"], path)})
+        return nn.remat(mapped, policy=keep)
     init_fields = [f.name for f in dataclasses.fields(module_cls) if f.init and f.name not in ("parent", "name")]
 
     class Gathered(module_cls):
@@ -58,6 +62,23 @@ def unit(module_cls, policy: str, gather=None, path: tuple[str, ...] = ()):
 
     Gathered.__name__ = Gathered.__qualname__ = module_cls.__name__
     return Gathered
+
+
+_CLOSURES = [0]
+
+
+@contextlib.contextmanager
+def blocks_read_closures():
+    """Inside: gathered units use Flax's lifted `nn.remat` of `nn.map_variables` instead of `tied_remat`.
+    For code that makes blocks read differentiated values that are not their inputs (LoRA's forward
+    interceptor adds (x A) B with the trainable factors inside each Dense): a custom VJP cannot
+    differentiate closed-over values, and `tied_remat` applies the block outside its Flax scope (module paths
+    relative to the block). The gathers are then untied (see tied_remat for what that costs on XLA:CPU)."""
+    _CLOSURES[0] += 1
+    try:
+        yield
+    finally:
+        _CLOSURES[0] -= 1
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
