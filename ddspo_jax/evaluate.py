@@ -195,27 +195,39 @@ def score_all(scorer, images: np.ndarray, prompts: Sequence[str], batch: int) ->
 
 
 def labelled_grid(images: dict[str, np.ndarray], scores: dict[str, np.ndarray], prompts, labels,
-                  limit: int = 16) -> np.ndarray:
-    """One row per prompt (first `limit`): image 0 of each model with its score, the prompt under the row."""
+                  limit: int = 24, per_row: int = 4) -> np.ndarray:
+    """The first `limit` prompts, `per_row` to a row: for each, image 0 of every model side by side with its
+    score under it (0/1 verdicts in red/green), the whole prompt wrapped beneath; the model names head each
+    column."""
+    import textwrap
+
     from PIL import Image, ImageDraw
 
     names = list(images)
     h, w = images[names[0]].shape[2:4]
-    cell, text_h, pad = max(h, 96), 14, 4
-    rows = min(len(prompts), limit)
-    sheet = Image.new("RGB", (len(names) * (cell + pad) + pad, text_h + rows * (cell + 2 * text_h + pad) + pad),
-                      "white")
+    cell, line, pad = max(h, 96), 11, 6
+    block_w = len(names) * (cell + 2) - 2
+    wrap = max(block_w // 6, 8)
+    shown = list(range(min(len(prompts), limit)))
+    texts = [textwrap.wrap(prompts[i], wrap)[:4] for i in shown]
+    text_rows = max((len(t) for t in texts), default=1)
+    block_h = line + cell + line + text_rows * line
+    cols = min(per_row, max(len(shown), 1))
+    rows = (len(shown) + cols - 1) // cols
+    sheet = Image.new("RGB", (pad + cols * (block_w + pad), pad + rows * (block_h + pad)), "white")
     draw = ImageDraw.Draw(sheet)
-    for j, name in enumerate(names):
-        draw.text((pad + j * (cell + pad), 1), labels[name][:cell // 6], fill="black")
-    for i in range(rows):
-        y = text_h + i * (cell + 2 * text_h + pad)
+    for k, i in enumerate(shown):
+        x0, y0 = pad + (k % cols) * (block_w + pad), pad + (k // cols) * (block_h + pad)
         for j, name in enumerate(names):
+            x = x0 + j * (cell + 2)
+            draw.text((x, y0), labels[name][-(cell // 6):], fill="black")
             img = Image.fromarray(np.round(np.clip(images[name][i, 0], 0, 1) * 255).astype(np.uint8))
-            x = pad + j * (cell + pad)
-            sheet.paste(img.resize((cell, cell), Image.NEAREST), (x, y))
-            draw.text((x, y + cell), f"{scores[name][i, 0]:.3f}", fill="black")
-        draw.text((pad, y + cell + text_h - 2), prompts[i][:(len(names) * (cell + pad)) // 6], fill="gray")
+            sheet.paste(img.resize((cell, cell), Image.NEAREST), (x, y0 + line))
+            v = float(scores[name][i, 0])
+            colour = {0.0: (200, 0, 0), 1.0: (0, 140, 0)}.get(v, (0, 0, 0))
+            draw.text((x, y0 + line + cell), f"{v:.3f}", fill=colour)
+        for r, t in enumerate(texts[k]):
+            draw.text((x0, y0 + 2 * line + cell + r * line), t, fill=(70, 70, 70))
     return np.asarray(sheet)
 
 

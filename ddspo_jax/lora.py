@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddspo_jax.errors import ConfigError
-from ddspo_jax.models.layers import blocks_read_closures
+from ddspo_jax.models.layers import block_inputs
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out_0")
 SEP = "__"  # path separator inside the flat LoRA dict (Orbax-safe names)
@@ -99,19 +99,26 @@ def _delta(x, f, scale, groups: bool):
     return scale * out.reshape(x.shape[:-1] + (b.shape[-1],))
 
 
+_ACTIVE: list = []  # the forward contexts entered, innermost last: only the innermost one intercepts
+
+
 @contextlib.contextmanager
 def forward(factors: dict | None, alpha: float):
     """Inside this context every Flax `nn.Dense` named in `factors` returns x W + b + (alpha / r)(x A) B.
 
-    `factors` as `init` makes them, or stacked (`stack`) for one adapter per equal batch group."""
+    `factors` as `init` makes them, or stacked (`stack`) for one adapter per equal batch group. A gathered
+    block (models.layers.unit under fsdp) receives the factors below its path as explicit inputs and runs
+    inside a nested `forward` of them named relative to the block (layers.block_inputs), so the factors are
+    differentiated through its custom VJP and its gathers stay tied."""
     if not factors:
         yield
         return
     groups = next(iter(factors.values()))["a"].ndim == 3
+    token = object()
 
     def intercept(next_fun, args, kwargs, context):
         mod = context.module
-        if context.method_name != "__call__" or not isinstance(mod, nn.Dense):
+        if _ACTIVE[-1] is not token or context.method_name != "__call__" or not isinstance(mod, nn.Dense):
             return next_fun(*args, **kwargs)
         f = factors.get(SEP.join(mod.path))
         y = next_fun(*args, **kwargs)
@@ -119,8 +126,20 @@ def forward(factors: dict | None, alpha: float):
             return y
         return y + _delta(args[0], f, alpha / f["a"].shape[-1], groups).astype(y.dtype)
 
-    with nn.intercept_methods(intercept), blocks_read_closures():
-        yield
+    def below(path: tuple[str, ...]):
+        if _ACTIVE[-1] is not token:
+            return None
+        n = len(path)
+        sub = {SEP.join(k[n:]): f for k, f in ((tuple(name.split(SEP)), f) for name, f in factors.items())
+               if k[:n] == path and len(k) > n}
+        return (sub, lambda v: forward(v, alpha)) if sub else None
+
+    _ACTIVE.append(token)
+    try:
+        with nn.intercept_methods(intercept), block_inputs(below):
+            yield
+    finally:
+        _ACTIVE.remove(token)
 
 
 def count(lora: dict) -> int:

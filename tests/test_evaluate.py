@@ -75,8 +75,14 @@ def test_evaluate_compare_pickscore_end_to_end(tmp_path, two_models):
     assert make_scorer("pickscore", str(clip)).score(png[None], [rows[0]["prompt"]])[0] == pytest.approx(
         rows[0]["score"], abs=1e-5)
     assert not np.array_equal(png, evaluate._read_png(out / "compare" / "00000_0.png"))
-    grid = evaluate._read_png(out / "grid.png")
-    assert grid.shape[0] > 3 * 96 and grid.std() > 0.05
+    # the grid: the three prompts side by side, each with both models' image 0 (nearest-upscaled to 96 px)
+    from PIL import Image
+    grid = np.round(evaluate._read_png(out / "grid.png") * 255).astype(np.uint8)
+    assert grid.shape[1] > 3 * 2 * 96
+    for j, folder in enumerate((out / "model", out / "compare")):
+        first = Image.fromarray(np.round(evaluate._read_png(folder / "00000_0.png") * 255).astype(np.uint8))
+        x = 6 + j * 98
+        np.testing.assert_array_equal(grid[17:17 + 96, x:x + 96], np.asarray(first.resize((96, 96), Image.NEAREST)))
     # resumption: nothing is generated again and the numbers are the same
     import io
     from contextlib import redirect_stdout

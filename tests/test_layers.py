@@ -129,3 +129,49 @@ def test_gathered_units_hold_about_one_blocks_weights_and_keep_gradients():
     want = jax.grad(loss(_Stack()))(params, x)  # each device's loss is its batch rows': the sum is the total
     for a, w in zip(jax.tree.leaves(sharded(placed, x)), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=1e-4, atol=2e-5)
+
+
+def test_lora_factors_reach_tied_units_as_block_inputs():
+    """LoRA's interceptor inside gathered units (lora.forward -> layers.block_inputs): the factors are passed
+    to each tied unit explicitly, so their gradients equal plain autodiff of x W + (alpha/r)(x A) B on the
+    unsharded model (before, a custom VJP silently dropped closed-over factors), and the gathers stay tied
+    (temporaries about one block's weights, as without LoRA)."""
+    from ddspo_jax import lora, parallel
+
+    d, b, r = 512, 8, 4
+    x = jax.random.normal(jax.random.key(1), (b, d))
+    params = _Stack().init(jax.random.key(0), x)["params"]
+    # the Dense layers are named "lin"; B random (not PEFT's zero) so that every factor gets a gradient
+    factors = {f"resnets_{i}{lora.SEP}lin": {"a": jax.random.normal(jax.random.key(10 + i), (d, r)) / d ** 0.5,
+                                             "b": jax.random.normal(jax.random.key(20 + i), (r, d)) * 0.1}
+               for i in range(8)}
+    alpha = 8.0
+    mesh = parallel.make_mesh(1, 4, jax.devices()[:4])
+    gather = parallel.Gather(parallel.fsdp_axes(params, 4), jnp.float32)
+    specs = parallel.tree_specs(params, mesh)
+
+    def loss(model, p, f, x):
+        with lora.forward(f, alpha):
+            return jnp.sum(model.apply({"params": p}, x) ** 2)
+
+    rep = jax.tree.map(lambda _: parallel.P(), factors)
+    sharded = jax.jit(jax.shard_map(
+        lambda p, f, x: jax.lax.psum(jax.grad(loss, argnums=2)(_Stack(gather=gather), p, f, x), parallel.AXES),
+        mesh=mesh, in_specs=(specs, rep, parallel.BATCH), out_specs=rep, check_vma=False))
+    placed = parallel.shard_tree(params, mesh)
+    temp = sharded.lower(placed, factors, x).compile().memory_analysis().temp_size_in_bytes
+    assert temp < 2 * d * d * 4, f"temporaries {temp / (d * d * 4):.2f} blocks' weights"
+
+    def plain(f, x):  # the definition, written out: y_i = tanh(y_{i-1} (W_i + (alpha / r) A_i B_i))
+        y = x
+        for i in range(8):
+            fi = f[f"resnets_{i}{lora.SEP}lin"]
+            y = jnp.tanh(y @ params[f"resnets_{i}"]["lin"]["kernel"] + (alpha / r) * (y @ fi["a"]) @ fi["b"])
+        return jnp.sum(y ** 2)
+
+    want = jax.grad(plain)(factors, x)
+    got = sharded(placed, factors, x)
+    for k in factors:
+        for n in ("a", "b"):
+            assert float(jnp.abs(want[k][n]).max()) > 0
+            np.testing.assert_allclose(np.asarray(got[k][n]), np.asarray(want[k][n]), rtol=1e-4, atol=2e-5)

@@ -35,3 +35,31 @@ def test_batches_are_a_pure_function_of_seed_phase_step():
     b, cb = pretrain.batch_of_scenes(cfg, 1, 7, metas)
     c, _ = pretrain.batch_of_scenes(cfg, 1, 8, metas)
     assert ca == cb and np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_ema_phase_returns_the_moving_average_of_the_iterates(tmp_path):
+    """--ema: the phase returns e_i = d_i e_{i-1} + (1 - d_i) p_i with d_i = min(ema, (1 + i) / (10 + i)), the
+    iterates p_i recomputed here with the phase's optimizer; without EMA it returns the last iterate."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    cfg = pretrain.PretrainConfig(out="", warmup=2, checkpoint_every=100, lr_floor=0.1)
+    target = jnp.arange(3.0)
+    loss = lambda p, b, k: jnp.sum((p["w"] - target * b) ** 2)  # noqa: E731
+    batch = lambda i: 1.0 + i  # noqa: E731
+    quiet = lambda m: None  # noqa: E731
+    ema_p, _ = pretrain._run_phase("q", cfg, 6, {"w": jnp.zeros(3)}, loss, batch, tmp_path / "a", 0.1, quiet, ema=0.5)
+    last, _ = pretrain._run_phase("q", cfg, 6, {"w": jnp.zeros(3)}, loss, batch, tmp_path / "b", 0.1, quiet)
+    opt = pretrain._optimizer(0.1, 0, 6, 0.1)  # warmup = min(2, 6 // 10) = 0, as the phase computes it
+    p, state, e = {"w": jnp.zeros(3)}, None, np.zeros(3)
+    state = opt.init(p)
+    for i in range(6):
+        g = jax.grad(loss)(p, batch(i), None)
+        u, state = opt.update(g, state, p)
+        p = optax.apply_updates(p, u)
+        d = min(0.5, (1 + i) / (10 + i))
+        e = d * e + (1 - d) * np.asarray(p["w"])
+    np.testing.assert_allclose(np.asarray(last["w"]), np.asarray(p["w"]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(ema_p["w"]), e, rtol=1e-6)
+    assert not np.allclose(e, np.asarray(p["w"]))

@@ -49,36 +49,43 @@ def unit(module_cls, policy: str, gather=None, path: tuple[str, ...] = ()):
     if gather is None:
         return module_cls if policy == "none" else nn.remat(module_cls, policy=REMAT_POLICIES[policy])
     keep = REMAT_POLICIES[policy] or jax.checkpoint_policies.save_anything_except_these_names("fsdp_gathered")
-    if _CLOSURES[0]:  # blocks read differentiated values from outside their inputs: Flax's lifted remat
-        mapped = nn.map_variables(module_cls, "params", trans_in_fn=lambda v: {"params": gather(v["params"], path)})
-        return nn.remat(mapped, policy=keep)
     init_fields = [f.name for f in dataclasses.fields(module_cls) if f.init and f.name not in ("parent", "name")]
 
     class Gathered(module_cls):
         def __call__(self, *args):
             inner = module_cls(**{k: getattr(self, k) for k in init_fields}, parent=None)
-            run = lambda shards, *a: inner.apply({"params": gather(shards, path)}, *a)  # noqa: E731
-            return tied_remat(run, keep, self.variables["params"], *args)
+            extras = [e for e in (p(tuple(self.path)) for p in _BLOCK_INPUTS) if e is not None]
+
+            def run(tree, *a):
+                shards, values = tree
+                with contextlib.ExitStack() as stack:
+                    for (_, enter), v in zip(extras, values):
+                        stack.enter_context(enter(v))
+                    return inner.apply({"params": gather(shards, path)}, *a)
+
+            return tied_remat(run, keep, (self.variables["params"], tuple(v for v, _ in extras)), *args)
 
     Gathered.__name__ = Gathered.__qualname__ = module_cls.__name__
     return Gathered
 
 
-_CLOSURES = [0]
+_BLOCK_INPUTS: list = []
 
 
 @contextlib.contextmanager
-def blocks_read_closures():
-    """Inside: gathered units use Flax's lifted `nn.remat` of `nn.map_variables` instead of `tied_remat`.
+def block_inputs(provider):
+    """Inside: each gathered unit at module path P asks `provider(P)` for None or (values, enter).
+
     For code that makes blocks read differentiated values that are not their inputs (LoRA's forward
-    interceptor adds (x A) B with the trainable factors inside each Dense): a custom VJP cannot
-    differentiate closed-over values, and `tied_remat` applies the block outside its Flax scope (module paths
-    relative to the block). The gathers are then untied (see tied_remat for what that costs on XLA:CPU)."""
-    _CLOSURES[0] += 1
+    interceptor adds (x A) B with the trainable factors inside each Dense): a custom VJP differentiates only
+    its arguments, and `tied_remat` applies the block outside its Flax scope. So `values` (a pytree, e.g. the
+    factors of the Dense layers under P) is passed to the unit explicitly, and the block's body runs inside
+    `enter(values)`, where module paths are relative to P."""
+    _BLOCK_INPUTS.append(provider)
     try:
         yield
     finally:
-        _CLOSURES[0] -= 1
+        _BLOCK_INPUTS.remove(provider)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

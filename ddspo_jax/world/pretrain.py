@@ -42,11 +42,14 @@ class PretrainConfig:
     vae_lr: float = 1e-3
     unet_lr: float = 5e-4
     warmup: int = 200
+    lr_floor: float = 1.0     # cosine decay to lr_floor x lr (1.0: constant after warmup, as shipped)
+    ema: float = 0.0          # > 0: export an EMA of the UNet's weights
     caption_dropout: float = 0.1
     checkpoint_every: int = 500
     captions: int = 4000
     seed: int = 0
     resolution: int = 64
+    init: str = ""
 
 
 def batch_of_scenes(cfg: PretrainConfig, phase: int, step: int, metas: list[dict]):
@@ -68,24 +71,31 @@ def batch_of_scenes(cfg: PretrainConfig, phase: int, step: int, metas: list[dict
     return np.stack(images), captions
 
 
-def _optimizer(lr: float, warmup: int, steps: int):
+def _optimizer(lr: float, warmup: int, steps: int, floor: float):
+    """AdamW, linear warmup, then cosine decay to `floor` x lr at the last step: the decay is where a small
+    diffusion model sharpens its shapes (measured in the README's world-model notes)."""
     import optax
 
-    sched = optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)],
-                                 [max(warmup, 1)])
+    warmup = max(warmup, 1)
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr * floor)
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=1e-2))
 
 
 def _run_phase(name: str, cfg: PretrainConfig, steps: int, params, loss_fn, make_batch, ckpt_dir: Path, lr: float,
-               log):
-    """AdamW on `loss_fn(params, batch, key)` for `steps` steps with Orbax checkpoints; resumes from ckpt_dir."""
+               log, ema: float = 0.0):
+    """AdamW on `loss_fn(params, batch, key)` for `steps` steps with Orbax checkpoints; resumes from ckpt_dir.
+    With `ema` > 0 it also keeps an exponential moving average of the parameters (decay warmed up as
+    min(ema, (1 + i) / (10 + i)), the usual diffusion recipe) and returns that instead of the last iterate."""
     import jax
+    import jax.numpy as jnp
     import optax
     import orbax.checkpoint as ocp
     from tqdm import tqdm
 
-    opt = _optimizer(lr, min(cfg.warmup, steps // 10), steps)
+    opt = _optimizer(lr, min(cfg.warmup, steps // 10), steps, cfg.lr_floor)
     state = {"params": params, "opt": opt.init(params)}
+    if ema:
+        state["ema"] = params
     mngr = ocp.CheckpointManager(ckpt_dir.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2))
     start = mngr.latest_step() or 0
     if start:
@@ -93,16 +103,20 @@ def _run_phase(name: str, cfg: PretrainConfig, steps: int, params, loss_fn, make
         log(f"pretrain {name}: resumed at step {start} from {ckpt_dir}")
 
     @jax.jit
-    def step(state, batch, key):
+    def step(state, batch, key, i):
         loss, g = jax.value_and_grad(loss_fn)(state["params"], batch, key)
         updates, o = opt.update(g, state["opt"], state["params"])
-        return {"params": optax.apply_updates(state["params"], updates), "opt": o}, loss
+        new = {"params": optax.apply_updates(state["params"], updates), "opt": o}
+        if ema:
+            decay = jnp.minimum(ema, (1.0 + i) / (10.0 + i))
+            new["ema"] = optax.incremental_update(new["params"], state["ema"], 1.0 - decay)
+        return new, loss
 
     losses = []
     root = jax.random.fold_in(jax.random.key(cfg.seed), len(name))  # "vae" / "unet": distinct streams
     bar = tqdm(total=steps, initial=start, desc=f"pretrain {name}", unit="step")
     for i in range(start, steps):
-        state, loss = step(state, make_batch(i), jax.random.fold_in(root, i))
+        state, loss = step(state, make_batch(i), jax.random.fold_in(root, i), i)
         losses.append(float(loss))
         bar.update(1)
         if i % 20 == 0:
@@ -112,7 +126,7 @@ def _run_phase(name: str, cfg: PretrainConfig, steps: int, params, loss_fn, make
     bar.close()
     mngr.wait_until_finished()
     mngr.close()
-    return state["params"], losses
+    return state["ema" if ema else "params"], losses
 
 
 def pretrain(cfg: PretrainConfig, log=print) -> dict:
@@ -128,8 +142,8 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
 
     out = Path(cfg.out)
     work = out.parent / f".{out.name}.work"
-    base = work / "base"
-    if not (base / "model_index.json").is_file():
+    base = Path(cfg.init) if cfg.init else work / "base"  # --init: continue from an earlier world model
+    if not cfg.init and not (base / "model_index.json").is_file():
         build_tiny_model(base, "sd", seed=cfg.seed)
     metas = world_prompts.training_set(cfg.captions, cfg.seed)
     mcfg = ml_collections.ConfigDict(base_config().model.to_dict())
@@ -169,7 +183,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
         return jnp.mean((pred - noise) ** 2)
 
     unet_params, unet_losses = _run_phase("unet", cfg, cfg.unet_steps, bb.params, unet_loss, unet_batch,
-                                          work / "unet_ckpt", cfg.unet_lr, log)
+                                          work / "unet_ckpt", cfg.unet_lr, log, ema=cfg.ema)
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("ddspo_tiny.json"))
@@ -187,12 +201,31 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     return summary
 
 
+_HELP = {
+    "vae_steps": "VAE training steps (0: keep the VAE as built, or --init's)",
+    "unet_steps": "UNet training steps",
+    "batch": "scenes per step",
+    "vae_lr": "VAE AdamW peak lr", "unet_lr": "UNet AdamW peak lr",
+    "warmup": "linear warmup steps (at most a tenth of a phase)",
+    "lr_floor": "cosine decay after warmup to lr_floor x lr at the last step (1.0: constant)",
+    "ema": "UNet weight EMA decay exported instead of the last iterate (0: off)",
+    "caption_dropout": "fraction of empty captions (classifier-free guidance)",
+    "checkpoint_every": "steps between Orbax checkpoints (a re-run resumes from the latest)",
+    "captions": "training captions drawn (world.prompts.training_set)",
+    "seed": "seed of the captions, scenes, noise and the tiny builder's initial weights",
+    "resolution": "scene pixels (the VAE is f4)",
+    "init": "a world-model folder to start both phases from instead of the tiny builder's random weights",
+}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = PretrainConfig(out="")
     p.add_argument("--out", required=True, help="the diffusers pipeline folder to write")
     for f in dataclasses.fields(PretrainConfig):
         if f.name != "out":
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(d, f.name)), default=getattr(d, f.name))
+            v = getattr(d, f.name)
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=type(v), default=v,
+                           help=f"{_HELP[f.name]} (default {v!r})")
 
 
 def from_args(args) -> PretrainConfig:
