@@ -317,7 +317,7 @@ def train(cfg, *, log=print) -> dict:
     bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", disable=not main_process,
                dynamic_ncols=True)
     step_no = start
-    last_eval = None
+    last_eval, last_scalars = None, {}
     try:
         while step_no < cfg.train.steps:
             t0 = time.time()
@@ -358,6 +358,7 @@ def train(cfg, *, log=print) -> dict:
                 if flops and mfu_peak:
                     scalars["mfu"] = flops / max(step_time, 1e-9) / mfu_peak
                 writer.write_scalars(step_no, scalars)
+                last_scalars = scalars
                 t_last, pairs_last = now, pairs
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}", **({"acc": f"{scalars['implicit_acc']:.2f}"}
                                                                   if "implicit_acc" in scalars else {}))
@@ -384,6 +385,7 @@ def train(cfg, *, log=print) -> dict:
         writer.flush()
         loader.close()
     summary = {"steps": step_no, "resumed_from": start, "output_dir": str(out), "eval": last_eval,
+               "metrics": last_scalars,
                "eval_reference": evaluator.reference if evaluator is not None else None,
                "checkpoint": str(out / "checkpoints" / str(mngr.latest_step())), "flops_per_step": flops,
                "params": state["params"], "records": str(cfg.data.records),

@@ -86,6 +86,12 @@ def test_prompt_sets_are_geneval_format_held_out_and_shipped_as_generated(tmp_pa
             assert q["class"] in SHAPES and 1 <= q["count"] <= 5
     train = prompts.training_set(1000)
     assert not {m["prompt"] for m in train} & {m["prompt"] for m in EVAL}
+    plain = [m for m in prompts.training_set(300, forms=prompts.FORMS) if m["tag"] == "plain"]  # colourless captions, each judged right when rendered
+    assert len(plain) > 20 and all("color" not in q for m in plain for q in m["include"])
+    from ddspo_jax.world.scenes import COLORS as colours, render_for
+    assert not any(c in m["prompt"].split() for m in plain for c in colours)
+    rng = np.random.default_rng(3)
+    assert all(judge(render_for(m, rng)[0], m)[0] for m in plain)
     res = subprocess.run([sys.executable, "-m", "ddspo_jax.world", "prompts", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr

@@ -50,6 +50,7 @@ class PretrainConfig:
     seed: int = 0
     resolution: int = 64
     init: str = ""
+    forms: str = ",".join(world_prompts.DEFAULT_FORMS)
 
 
 def batch_of_scenes(cfg: PretrainConfig, phase: int, step: int, metas: list[dict]):
@@ -145,7 +146,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     base = Path(cfg.init) if cfg.init else work / "base"  # --init: continue from an earlier world model
     if not cfg.init and not (base / "model_index.json").is_file():
         build_tiny_model(base, "sd", seed=cfg.seed)
-    metas = world_prompts.training_set(cfg.captions, cfg.seed)
+    metas = world_prompts.training_set(cfg.captions, cfg.seed, tuple(cfg.forms.split(",")))
     mcfg = ml_collections.ConfigDict(base_config().model.to_dict())
     mcfg.path, mcfg.dtype = str(base), "float32"
     bb = load_backbone(mcfg, base_config().schedule, text=True, vae=True, log=None)
@@ -214,6 +215,7 @@ _HELP = {
     "captions": "training captions drawn (world.prompts.training_set)",
     "seed": "seed of the captions, scenes, noise and the tiny builder's initial weights",
     "resolution": "scene pixels (the VAE is f4)",
+    "forms": "comma-separated caption forms (world.prompts.FORMS) drawn for the captions",
     "init": "a world-model folder to start both phases from instead of the tiny builder's random weights",
 }
 
