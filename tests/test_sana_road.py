@@ -94,6 +94,7 @@ def test_records_keep_unmasked_rows_and_load_padded_to_what_diffusers_sees(tiny_
     np.testing.assert_allclose(np.asarray(got), want.transpose(0, 2, 3, 1), atol=2e-5)
 
 
+@pytest.mark.slow  # 42 s; the SD token-id road stays in the default suite (test_token_ids)
 def test_token_id_records_train_like_embeddings(tiny_sana, tmp_path):
     results = {}
     for mode in ("embeddings", "token_ids"):

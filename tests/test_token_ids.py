@@ -11,7 +11,7 @@ from ddspo_jax.data.records import read_manifest
 from ddspo_jax.tiny import TINY_PROMPTS, ensure_tiny_model
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl"])
+@pytest.mark.parametrize("family", ["sd", pytest.param("sdxl", marks=pytest.mark.slow)])  # sdxl: slow (95 s)
 def test_token_id_records_train_like_embeddings(tmp_path, family):
     model = ensure_tiny_model(tmp_path / f"tiny-{family}", family=family)
 
