@@ -63,3 +63,13 @@ def test_ema_phase_returns_the_moving_average_of_the_iterates(tmp_path):
     np.testing.assert_allclose(np.asarray(last["w"]), np.asarray(p["w"]), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(ema_p["w"]), e, rtol=1e-6)
     assert not np.allclose(e, np.asarray(p["w"]))
+
+
+@pytest.mark.parametrize("argv, words", [(["--forms", "compound,colourful"], "--forms 'compound,colourful'"),
+                                         (["--init", "/no/such/model"], "--init '/no/such/model'")])
+def test_bad_flags_are_one_line_naming_the_flag(argv, words, tmp_path):
+    from ddspo_jax.world.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "--out", str(tmp_path / "m")] + argv)
+    assert words in str(e.value.code)
