@@ -66,10 +66,29 @@ def test_ema_phase_returns_the_moving_average_of_the_iterates(tmp_path):
 
 
 @pytest.mark.parametrize("argv, words", [(["--forms", "compound,colourful"], "--forms 'compound,colourful'"),
-                                         (["--init", "/no/such/model"], "--init '/no/such/model'")])
+                                         (["--init", "/no/such/model"], "--init '/no/such/model'"),
+                                         (["--unet-channels", "48,x"], "--unet-channels '48,x'")])
 def test_bad_flags_are_one_line_naming_the_flag(argv, words, tmp_path):
     from ddspo_jax.world.__main__ import main
 
     with pytest.raises(SystemExit) as e:
         main(["pretrain", "--out", str(tmp_path / "m")] + argv)
     assert words in str(e.value.code)
+
+
+def test_unet_channels_builds_a_wider_unet_diffusers_loads(tmp_path):
+    """--unet-channels re-makes the starting UNet at other widths: diffusers builds the same model from the
+    written config (same parameter count) and loads the written weights without missing or unexpected keys."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    cfg = pretrain.PretrainConfig(out="", unet_channels="48,96")
+    pretrain._build_base(tmp_path / "base", cfg)
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "base" / "unet")
+    assert list(unet.config.block_out_channels) == [48, 96]
+    fresh = UNet2DConditionModel.from_config(unet.config)
+    assert sum(p.numel() for p in unet.parameters()) == sum(p.numel() for p in fresh.parameters()) > 1.5e6
+    out = unet(torch.zeros(1, 4, 16, 16), 10, torch.zeros(1, 77, 32)).sample
+    assert out.shape == (1, 4, 16, 16) and torch.isfinite(out).all()
+    with pytest.raises(SystemExit, match="multiple of 8"):
+        pretrain.world_unet_config(dict(unet.config), (40, 100))

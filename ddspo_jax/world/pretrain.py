@@ -54,6 +54,7 @@ class PretrainConfig:
     resolution: int = 64
     init: str = ""
     forms: str = ",".join(world_prompts.DEFAULT_FORMS)
+    unet_channels: str = "32,64"  # the UNet's block_out_channels (the tiny builder's: 32,64)
 
 
 def batch_of_scenes(cfg: PretrainConfig, phase: int, step: int, metas: list[dict]):
@@ -116,21 +117,47 @@ def _run_phase(name: str, cfg: PretrainConfig, steps: int, params, loss_fn, make
             new["ema"] = optax.incremental_update(new["params"], state["ema"], 1.0 - decay)
         return new, loss
 
-    losses = []
+    losses = []  # device scalars, read every 20 steps: no host sync per step, so the next batch renders meanwhile
     root = jax.random.fold_in(jax.random.key(cfg.seed), len(name))  # "vae" / "unet": distinct streams
     bar = tqdm(total=steps, initial=start, desc=f"pretrain {name}", unit="step")
     for i in range(start, steps):
         state, loss = step(state, make_batch(i), jax.random.fold_in(root, i), i)
-        losses.append(float(loss))
+        losses.append(loss)
         bar.update(1)
         if i % 20 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            bar.set_postfix(loss=f"{np.mean(np.asarray(losses[-20:])):.4f}")
         if (i + 1) % cfg.checkpoint_every == 0 or i + 1 == steps:
             mngr.save(i + 1, args=ocp.args.StandardSave(state))
     bar.close()
     mngr.wait_until_finished()
     mngr.close()
-    return state["ema" if ema else "params"], losses
+    return state["ema" if ema else "params"], [float(x) for x in losses]
+
+
+def world_unet_config(base_config: dict, channels: tuple[int, ...]) -> dict:
+    """The tiny builder's UNet config with other block widths (same levels, heads, cross-attention)."""
+    if len(channels) != len(base_config["block_out_channels"]) or any(c % base_config["norm_num_groups"] for c in channels):
+        raise SystemExit(f"--unet-channels {','.join(map(str, channels))}: need {len(base_config['block_out_channels'])} "
+                         f"widths, each a multiple of {base_config['norm_num_groups']} (the GroupNorm groups)")
+    return {**base_config, "block_out_channels": list(channels)}
+
+
+def _build_base(base: Path, cfg: PretrainConfig) -> None:
+    """The starting pipeline: the tiny builder's, its UNet re-made at --unet-channels (seeded the same way)."""
+    from ddspo_jax.convert import export_unet
+    from ddspo_jax.convert.common import read_config
+    from ddspo_jax.models.unet import UNet2DConditionModel
+    from ddspo_jax.tiny import build_tiny_model, fill_params
+
+    channels = tuple(int(c) for c in cfg.unet_channels.split(","))
+    if (base / "model_index.json").is_file() and tuple(read_config(base / "unet")["block_out_channels"]) == channels:
+        return
+    shutil.rmtree(base, ignore_errors=True)
+    build_tiny_model(base, "sd", seed=cfg.seed)
+    ucfg = read_config(base / "unet")
+    if tuple(ucfg["block_out_channels"]) != channels:
+        ucfg = world_unet_config(ucfg, channels)
+        export_unet(ucfg, fill_params(UNet2DConditionModel.from_config(ucfg).init_shapes(), cfg.seed), base / "unet")
 
 
 def pretrain(cfg: PretrainConfig, log=print) -> dict:
@@ -142,13 +169,12 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     from ddspo_jax.config import base_config
     from ddspo_jax.convert import export_unet, export_vae
     from ddspo_jax.convert.common import read_config
-    from ddspo_jax.tiny import build_tiny_model
 
     out = Path(cfg.out)
     work = out.parent / f".{out.name}.work"
     base = Path(cfg.init) if cfg.init else work / "base"  # --init: continue from an earlier world model
-    if not cfg.init and not (base / "model_index.json").is_file():
-        build_tiny_model(base, "sd", seed=cfg.seed)
+    if not cfg.init:
+        _build_base(base, cfg)
     metas = world_prompts.training_set(cfg.captions, cfg.seed, tuple(cfg.forms.split(",")))
     mcfg = ml_collections.ConfigDict(base_config().model.to_dict())
     mcfg.path, mcfg.dtype = str(base), "float32"
@@ -219,6 +245,7 @@ _HELP = {
     "seed": "seed of the captions, scenes, noise and the tiny builder's initial weights",
     "resolution": "scene pixels (the VAE is f4)",
     "forms": "comma-separated caption forms (world.prompts.FORMS) drawn for the captions",
+    "unet_channels": "the UNet's block widths, comma-separated (the tiny builder's 32,64; more is slower)",
     "init": "a world-model folder to start both phases from instead of the tiny builder's random weights",
 }
 
@@ -240,6 +267,12 @@ def from_args(args) -> PretrainConfig:
     if bad or not forms:
         raise SystemExit(f"--forms {args.forms!r}: {', '.join(bad) or 'empty'} not among "
                          f"{', '.join(world_prompts.FORMS)}")
+    try:
+        widths = [int(c) for c in args.unet_channels.split(",")]
+    except ValueError:
+        widths = []
+    if not widths or min(widths) <= 0:
+        raise SystemExit(f"--unet-channels {args.unet_channels!r}: not comma-separated positive integers")
     if args.init and not (Path(args.init) / "model_index.json").is_file():
         raise SystemExit(f"--init {args.init!r} is not a world-model folder (no model_index.json there)")
     return PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)})
