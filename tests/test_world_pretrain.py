@@ -92,3 +92,26 @@ def test_unet_channels_builds_a_wider_unet_diffusers_loads(tmp_path):
     assert out.shape == (1, 4, 16, 16) and torch.isfinite(out).all()
     with pytest.raises(SystemExit, match="multiple of 8"):
         pretrain.world_unet_config(dict(unet.config), (40, 100))
+
+
+
+@pytest.mark.parametrize("gamma", [5.0, 1.0])
+def test_min_snr_weights_equal_diffusers_training_recipe(gamma):
+    """--min-snr: the per-timestep weights equal diffusers' own recipe (training_utils.compute_snr on the world
+    model's DDPM scheduler, then min(SNR, gamma) / SNR as its text-to-image script weights epsilon), and gamma 0
+    is the plain loss."""
+    from pathlib import Path
+
+    import torch
+    from diffusers import DDIMScheduler
+    from diffusers.training_utils import compute_snr
+
+    folder = Path(pretrain.__file__).parent / "model" / "scheduler"
+    sched = DDIMScheduler.from_pretrained(folder)
+    t = torch.arange(sched.config.num_train_timesteps)
+    snr = compute_snr(sched, t)
+    want = torch.stack([snr, gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0] / snr
+    got = pretrain.min_snr_weights(sched.alphas_cumprod.numpy(), gamma)
+    np.testing.assert_allclose(got, want.double().numpy(), rtol=1e-5)
+    assert got[0] < 0.01 and got[-1] == 1.0  # nearly clean steps weigh little, noisy ones fully
+    assert np.array_equal(pretrain.min_snr_weights(sched.alphas_cumprod.numpy(), 0.0), np.ones(len(t)))

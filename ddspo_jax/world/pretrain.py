@@ -55,6 +55,7 @@ class PretrainConfig:
     init: str = ""
     forms: str = ",".join(world_prompts.DEFAULT_FORMS)
     unet_channels: str = "32,64"  # the UNet's block_out_channels (the tiny builder's: 32,64)
+    min_snr: float = 0.0      # > 0: Min-SNR-gamma loss weights min(SNR, gamma) / SNR (Hang et al. 2023)
 
 
 def batch_of_scenes(cfg: PretrainConfig, phase: int, step: int, metas: list[dict]):
@@ -134,6 +135,18 @@ def _run_phase(name: str, cfg: PretrainConfig, steps: int, params, loss_fn, make
     return state["ema" if ema else "params"], [float(x) for x in losses]
 
 
+def min_snr_weights(alphas_cumprod: np.ndarray, gamma: float) -> np.ndarray:
+    """Per-timestep weights of the epsilon loss: min(SNR_t, gamma) / SNR_t with SNR_t = abar_t / (1 - abar_t)
+    (Min-SNR-gamma, Hang et al. 2023, Eq. 7 for epsilon prediction), so the nearly clean timesteps, which
+    dominate the plain loss's gradients and shape only fine detail, stop crowding out the noisy ones that decide
+    a scene's composition; gamma 0 gives ones (the plain DDPM loss)."""
+    acp = np.asarray(alphas_cumprod, np.float64)
+    if gamma <= 0:
+        return np.ones_like(acp)
+    snr = acp / (1.0 - acp)
+    return np.minimum(snr, gamma) / snr
+
+
 def world_unet_config(base_config: dict, channels: tuple[int, ...]) -> dict:
     """The tiny builder's UNet config with other block widths (same levels, heads, cross-attention)."""
     if len(channels) != len(base_config["block_out_channels"]) or any(c % base_config["norm_num_groups"] for c in channels):
@@ -205,12 +218,16 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
         emb = np.where(drop[:, None, None], empty[None], emb)
         return {"z": encode(vae_params, jnp.asarray(images)), "c": jnp.asarray(emb)}
 
+    weights = jnp.asarray(min_snr_weights(np.asarray(sched.alphas_cumprod), cfg.min_snr), jnp.float32)
+
     def unet_loss(p, b, key):
         kt, kn = jax.random.split(key)
         t = jax.random.randint(kt, (b["z"].shape[0],), 0, sched.num_train_timesteps)
         noise = jax.random.normal(kn, b["z"].shape)
         pred = bb.denoise(p, sched.add_noise(b["z"], noise, t), sched.model_timestep(t), {"prompt_embeds": b["c"]})
-        return jnp.mean((pred - noise) ** 2)
+        if not cfg.min_snr:
+            return jnp.mean((pred - noise) ** 2)
+        return jnp.mean(weights[t] * jnp.mean((pred - noise) ** 2, axis=(1, 2, 3)))
 
     unet_params, unet_losses = _run_phase("unet", cfg, cfg.unet_steps, bb.params, unet_loss, unet_batch,
                                           work / "unet_ckpt", cfg.unet_lr, log, ema=cfg.ema)
@@ -245,6 +262,7 @@ _HELP = {
     "seed": "seed of the captions, scenes, noise and the tiny builder's initial weights",
     "resolution": "scene pixels (the VAE is f4)",
     "forms": "comma-separated caption forms (world.prompts.FORMS) drawn for the captions",
+    "min_snr": "Min-SNR-gamma weighting of the UNet's epsilon loss (0: off, the plain DDPM loss)",
     "unet_channels": "the UNet's block widths, comma-separated (the tiny builder's 32,64; more is slower)",
     "init": "a world-model folder to start both phases from instead of the tiny builder's random weights",
 }
