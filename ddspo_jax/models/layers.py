@@ -101,16 +101,18 @@ def tied_remat(run, keep, shards, *args):
     return run(_after(shards, args), *args)
 
 
-def _after(tree, token):
+def _after(tree, token, every_leaf: bool = False):
     """`tree` with every floating leaf plus 0 * (a scalar of `token`): the same values, data-dependent on
-    `token` (through an optimisation barrier as well, for the backends that keep them). A non-finite token
-    makes them non-finite, which only happens when the block's output or cotangent is already non-finite
-    (and the step is then skipped)."""
+    `token` (through an optimisation barrier as well, for the backends that keep them) — on its first
+    floating leaf, or with `every_leaf` on all of them (one element of each). A non-finite token makes them
+    non-finite, which only happens when the block's output or cotangent is already non-finite (and the step
+    is then skipped)."""
     tok = [x for x in jax.tree.leaves(token) if jnp.issubdtype(x.dtype, jnp.floating)]
     if not tok:
         return tree
-    tree, _ = jax.lax.optimization_barrier((tree, tok[0]))
-    zero = jnp.ravel(tok[0])[0].astype(jnp.float32) * 0.0
+    tok = tok if every_leaf else tok[:1]
+    tree, _ = jax.lax.optimization_barrier((tree, tok))
+    zero = sum(jnp.ravel(x)[0].astype(jnp.float32) for x in tok) * 0.0
     return jax.tree.map(lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
@@ -120,7 +122,11 @@ def _tied_remat_fwd(run, keep, shards, *args):
 
 def _tied_remat_bwd(run, keep, vjp_fn, g):
     leaves, tree = jax.tree.flatten(vjp_fn)
-    return tuple(jax.tree.unflatten(tree, _after(leaves, g))(g))
+    d_shards, *d_args = jax.tree.unflatten(tree, _after(leaves, g))(g)
+    # The block's input cotangents wait for its parameter cotangents: otherwise the chain of input cotangents
+    # runs ahead through the earlier blocks and every block's weight gradients (and the recomputed
+    # activations they read) wait until the end, all alive at once (read off SDXL's buffer assignment).
+    return (d_shards, *_after(tuple(d_args), d_shards, every_leaf=True))
 
 
 tied_remat.defvjp(_tied_remat_fwd, _tied_remat_bwd)
@@ -341,7 +347,7 @@ _attention_hm.defvjp(_attention_hm_fwd, _attention_hm_bwd)
 # chunks, each rematerialised, so neither pass holds the whole [B, heads, T, T] score matrix: XLA's
 # attention materialises it in float32 (1 GiB per 2 SD-1.5 samples at 4096 tokens, several alive in the
 # backward pass; benchmarks/memory.py). Exact: each query's softmax runs over all keys.
-QUERY_CHUNK = 1024
+QUERY_CHUNK = 512
 
 
 def _query_chunked(q, k, v):
