@@ -343,10 +343,11 @@ def _attention_hm_bwd(res, d_out):
 _attention_hm.defvjp(_attention_hm_fwd, _attention_hm_bwd)
 
 
-# 'auto' off cuDNN: sequences of >= 2 chunks (SD's 64x64 and SDXL's 64x64 latent levels) attend in query
+# 'auto' off cuDNN: sequences of >= 2 chunks (SD's and SDXL's 64x64 and 32x32 latent levels) attend in query
 # chunks, each rematerialised, so neither pass holds the whole [B, heads, T, T] score matrix: XLA's
 # attention materialises it in float32 (1 GiB per 2 SD-1.5 samples at 4096 tokens, several alive in the
-# backward pass; benchmarks/memory.py). Exact: each query's softmax runs over all keys.
+# backward pass; benchmarks/memory.py). Exact: each query's softmax runs over all keys. 512, not 1024: one
+# 1024-query chunk's four f32 score blocks were 1.28 of the 3.38 GiB at an SDXL-proxy's peak (README).
 QUERY_CHUNK = 512
 
 
