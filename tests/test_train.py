@@ -63,8 +63,26 @@ def write_config(path: Path, assets: Path, out: Path, **over):
     return path
 
 
+_XLA_CACHE: list[str] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_xla_cache(tmp_path_factory):
+    _XLA_CACHE[:] = [str(tmp_path_factory.mktemp("xla_cache"))]
+    yield
+    _XLA_CACHE.clear()
+
+
+def train_env() -> dict:
+    """4 host devices and one persistent XLA cache for every run of this module (per test worker): the
+    programs are the same tiny step, so only the first run compiles (a resumed run compiles again otherwise;
+    a cached executable is the same executable, so the bit-identity checks are unchanged)."""
+    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+                DDSPO_JAX_CACHE=_XLA_CACHE[0])
+
+
 def run_train(cfg_file, *extra, timeout=600):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = train_env()
     return subprocess.run([sys.executable, "-m", "ddspo_jax.train", f"--config={cfg_file}", *extra],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -97,7 +115,7 @@ def test_sigkill_resume_is_bit_identical(assets, tmp_path):
 
     out = tmp_path / "killed"
     cfg2 = write_config(tmp_path / "b.py", assets, out)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = train_env()
     proc = subprocess.Popen([sys.executable, "-m", "ddspo_jax.train", f"--config={cfg2}"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -119,7 +137,7 @@ def test_sigkill_resume_is_bit_identical(assets, tmp_path):
 def test_sigterm_saves_before_exit(assets, tmp_path):
     out = tmp_path / "term"
     cfg = write_config(tmp_path / "c.py", assets, out, **{"train.steps": 100000, "train.checkpoint_every": 100000})
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = train_env()
     proc = subprocess.Popen([sys.executable, "-m", "ddspo_jax.train", f"--config={cfg}"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
