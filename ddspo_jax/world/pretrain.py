@@ -17,7 +17,9 @@ deterministic bytes. Training data are rendered on the fly (world.scenes) from t
   UNet  DDPM epsilon MSE on the frozen VAE's posterior-mean latents, 10 % empty captions (for CFG), AdamW
 
 Options measured but off by default (README, "The world model"): --ema (export an EMA of the UNet's weights),
---lr-floor (cosine decay), --forms (caption forms), --init (continue from an earlier world model).
+--lr-floor (cosine decay), --forms (caption forms), --init (continue from an earlier world model),
+--unet-channels with --min-snr (a 4x wider UNet with Min-SNR-gamma weights, trained from scratch, did not score
+higher than the shipped one).
 
 Deterministic (every batch is a pure function of (seed, phase, step)); each phase checkpoints with Orbax every
 `--checkpoint-every` steps and a re-run resumes; the result is an ordinary diffusers pipeline folder.
