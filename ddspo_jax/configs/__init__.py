@@ -20,8 +20,9 @@ def release_sd(c, *, name: str, steps: int):
     c.train.objective = "ddspo"
     c.train.beta = 16000.0              # --beta_dpo 16000
     c.train.batch_size = 2048           # 8 pairs per GPU x accumulation x GPUs in the release
-    c.train.micro_batch_per_device = 8  # the release's per-GPU batch (--train_batch_size 8); not yet measured
-                                        # on a GPU here: benchmarks/memory.py --gpu says what fits
+    c.train.micro_batch_per_device = 8  # the release's per-GPU batch (--train_batch_size 8); CPU stand-in of
+                                        # benchmarks/memory.py: SD-1.5 24.4 GiB on one device, SDXL 26.6 at
+                                        # fsdp 8 (README); --gpu measures the chip itself
     c.train.lr_per_pair = 2.5e-9        # --learning_rate 2.5e-9 --scale_lr -> 5.12e-6
     c.train.steps = steps               # --max_train_steps (the paper's text: 100)
     c.train.warmup_steps = 100          # --lr_warmup_steps 100, constant_with_warmup

@@ -6,7 +6,8 @@
 Where the paper's text and the release differ, the release wins (README "Hyperparameters"): lr 2.5e-9 x 2048
 = 5.12e-6, 500 steps (the text: 100), AdamW (the text, after Diffusion-DPO: Adafactor; the release's SDXL
 script does not pass --use_adafactor). `--config.train.optimizer=adafactor` gives transformers' Adafactor.
-On 16 GB TPU v5e chips start from --config.train.micro_batch_per_device=1 over >= 8 chips and check with
+8 pairs per device at fsdp 8 need 26.6 GiB (benchmarks/memory.py's CPU stand-in): fine on 80 GB GPUs. On 16 GB
+TPU v5e chips use --config.train.micro_batch_per_device=1 over >= 8 chips (8.2 GiB) and check with
 benchmarks/memory.py on the chip (README's memory table).
 """
 
