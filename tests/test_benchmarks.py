@@ -106,3 +106,35 @@ def test_objectives_benchmark_smoke(tmp_path):
     assert {"Reference", "SFT", "Diffusion-DPO", "DSPO+CPP", "DDSPO", "DDSPO Rand-positive",
             "DDSPO Not-paired", "DSPO w=beta", "DSPO w=100"} <= methods, methods
     assert re.search(r"\| DDSPO \| 1 \| [0-9.]+ ± 0.000", proc.stdout), proc.stdout[-2000:]
+
+
+_PEAK_PROGRAM = r"""
+import sys, jax, jax.numpy as jnp
+def f(x, w):  # the [1024, 4096] hidden activation is the one big temporary, alive between its two matmuls
+    h = jnp.tanh(x @ w)
+    return jnp.sum(jnp.cos(h @ w.T) * x)
+x, w = jnp.ones((1024, 256)), jnp.ones((256, 4096)) / 64
+print("TEMP", jax.jit(jax.grad(f, argnums=1)).lower(x, w).compile().memory_analysis().temp_size_in_bytes)
+"""
+
+
+def test_peak_buffers_names_the_big_temporary(tmp_path):
+    """benchmarks/peak_buffers.py on a dump of a small gradient program: the peak it reconstructs from the
+    buffer assignment and live ranges is within XLA's own temp_size_in_bytes, and the biggest value alive there
+    is the [1024, 4096] float32 hidden activation the program was built around."""
+    import subprocess
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_dump_to={tmp_path}")
+    out = subprocess.run([sys.executable, "-c", _PEAK_PROGRAM], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    temp = int(out.stdout.split("TEMP")[1])
+    bases = sorted(str(p)[:-len("-buffer-assignment.txt")]
+                   for p in tmp_path.glob("*jit_f*cpu_after_optimizations-buffer-assignment.txt"))
+    assert bases, sorted(p.name for p in tmp_path.iterdir())[:20]
+    sys.path.insert(0, str(SCRIPT.parent))
+    import peak_buffers
+
+    r = peak_buffers.analyse(bases[-1])
+    size, name, shape, start, end = r["alive"][0]
+    assert shape.startswith("f32[1024,4096]") and size == 1024 * 4096 * 4, r["alive"][:3]
+    assert size <= r["peak_bytes"] <= temp, (r["peak_bytes"], temp)
