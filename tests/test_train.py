@@ -77,8 +77,10 @@ def train_env() -> dict:
     """4 host devices and one persistent XLA cache for every run of this module (per test worker): the
     programs are the same tiny step, so only the first run compiles (a resumed run compiles again otherwise;
     a cached executable is the same executable, so the bit-identity checks are unchanged)."""
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-                DDSPO_JAX_CACHE=_XLA_CACHE[0])
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    if _XLA_CACHE:  # set by this module's fixture; modules importing run_train (test_multiprocess) go without
+        env["DDSPO_JAX_CACHE"] = _XLA_CACHE[0]
+    return env
 
 
 def run_train(cfg_file, *extra, timeout=600):
