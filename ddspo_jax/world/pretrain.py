@@ -143,7 +143,7 @@ def min_snr_weights(alphas_cumprod: np.ndarray, gamma: float) -> np.ndarray:
     dominate the plain loss's gradients and shape only fine detail, stop crowding out the noisy ones that decide
     a scene's composition; gamma 0 gives ones (the plain DDPM loss)."""
     acp = np.asarray(alphas_cumprod, np.float64)
-    if gamma <= 0:
+    if gamma == 0:
         return np.ones_like(acp)
     snr = acp / (1.0 - acp)
     return np.minimum(snr, gamma) / snr
@@ -227,7 +227,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
         t = jax.random.randint(kt, (b["z"].shape[0],), 0, sched.num_train_timesteps)
         noise = jax.random.normal(kn, b["z"].shape)
         pred = bb.denoise(p, sched.add_noise(b["z"], noise, t), sched.model_timestep(t), {"prompt_embeds": b["c"]})
-        if not cfg.min_snr:
+        if not cfg.min_snr:  # the shipped model's exact loss expression, so the defaults rebuild it bit for bit
             return jnp.mean((pred - noise) ** 2)
         return jnp.mean(weights[t] * jnp.mean((pred - noise) ** 2, axis=(1, 2, 3)))
 
@@ -293,6 +293,8 @@ def from_args(args) -> PretrainConfig:
         widths = []
     if not widths or min(widths) <= 0:
         raise SystemExit(f"--unet-channels {args.unet_channels!r}: not comma-separated positive integers")
+    if args.min_snr < 0:
+        raise SystemExit(f"--min-snr {args.min_snr!r}: gamma must be >= 0 (0: the plain DDPM loss)")
     if args.init and not (Path(args.init) / "model_index.json").is_file():
         raise SystemExit(f"--init {args.init!r} is not a world-model folder (no model_index.json there)")
     return PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)})
