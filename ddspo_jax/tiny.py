@@ -11,7 +11,8 @@ Why it is built this way:
     operations plus exact scaling), never from XLA's random kernels, and every JSON file has sorted keys and
     fixed version strings. A test builds twice and compares the files.
   * A real BPE vocabulary: trained here (classic pair-count BPE, ties broken by the pair's text) on the words of
-    the shipped prompt file, so every word of `ddspo_jax/configs/prompts/tiny_prompts.txt` is a single token and
+    the shipped prompt files, so every word of `ddspo_jax/configs/prompts/tiny_prompts.txt` and of the scene
+    world's prompts (world_*.jsonl) is a single token and
     `CLIPTokenizer.from_pretrained` reads the folder unchanged.
   * Atomic: built in a temporary sibling folder and renamed into place, so a killed build never leaves a
     half-written model under the final name and two processes racing both end with the same folder.
@@ -33,7 +34,7 @@ __all__ = ["ensure_tiny_model", "build_tiny_model", "TINY_PROMPTS", "TINY_VERSIO
            "tiny_vocab_and_merges", "default_tiny_folder",
            "resolve_model_path"]
 
-TINY_VERSION = 1  # bump when anything written changes: cached folders of another version are rebuilt elsewhere
+TINY_VERSION = 2  # bump when anything written changes: cached folders of another version are rebuilt elsewhere
 MARKER = "ddspo_tiny.json"
 TINY_PROMPTS = Path(__file__).resolve().parent / "configs" / "prompts" / "tiny_prompts.txt"
 FAKE_DIFFUSERS_VERSION = "0.30.0"  # written into tiny configs: their bytes do not depend on the installed diffusers
@@ -100,9 +101,14 @@ def compose_prompts(n: int = 400, seed: int = 0) -> list[str]:
 
 
 def _words() -> list[str]:
-    """Every word the prompt generator can emit (what the tokenizer must know as single tokens)."""
+    """Every word the prompt generator or the scene world's prompts can emit (what the tokenizer must know as
+    single tokens: a shape word split into letters, "c i r c le", leaves a random frozen text encoder's
+    outputs for "circle" and "ring" sharing their tokens, and the world model's UNet confused them)."""
+    from ddspo_jax.world.scenes import COLORS as WORLD_COLOURS, SHAPES as WORLD_SHAPES
+
+    world = [f"{s} {s}s" for s in WORLD_SHAPES] + list(WORLD_COLOURS) + ["one two three four left right of and"]
     text = " ".join([" ".join(o) for o in OBJECTS] + COLOURS + COUNTS + ADJECTIVES + POSITIONS + SCENES + STYLES
-                    + ["a an"])
+                    + ["a an"] + world)
     return sorted(set(re.findall(r"[a-z]+|[0-9]", text)))
 
 

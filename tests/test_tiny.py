@@ -58,7 +58,10 @@ def test_shipped_prompts_and_single_token_words(tiny_sd):
     assert lines == tiny.compose_prompts()  # the committed file is what the generator makes
     assert 300 <= len(lines) == len(set(lines))
     tok = load_tokenizer(tiny_sd / "tokenizer")
-    words = sorted({w for line in lines for w in re.findall(r"[a-z]+", line)})
+    world = [json.loads(x)["prompt"] for f in ("world_eval.jsonl", "world_train.jsonl")
+             for x in (tiny.TINY_PROMPTS.parent / f).read_text().splitlines()]
+    words = sorted({w for line in lines + world for w in re.findall(r"[a-z]+", line)})
+    assert {"circle", "circles", "ring", "rings", "triangle", "squares"} <= set(words)
     for w in words:
         ids = tok(w)["input_ids"]
         assert len(ids) == 3, (w, tok.convert_ids_to_tokens(ids))  # BOS, the word, EOS

@@ -26,6 +26,25 @@ def test_few_step_pretrain_resumes_and_writes_a_diffusers_pipeline(tmp_path):
                                                                                  for m in logs)
 
 
+def test_a_rerun_with_other_settings_starts_over_and_one_with_the_same_resumes(tmp_path):
+    """The work folder keeps its checkpoints for the same settings (and more steps), and is cleared, with a
+    line naming what changed, for other ones (restoring another model's checkpoints failed in Orbax before)."""
+    out, logs = tmp_path / "model", []
+    cfg = pretrain.PretrainConfig(out=str(out))
+    work = pretrain._work_dir(out, cfg, logs.append)
+    (work / "unet_ckpt").mkdir()
+    cfg.unet_steps += 1000
+    assert pretrain._work_dir(out, cfg, logs.append) == work and (work / "unet_ckpt").is_dir() and not logs
+    cfg.unet_channels = "48,96"
+    pretrain._work_dir(out, cfg, logs.append)
+    assert not (work / "unet_ckpt").exists() and logs == [f"pretrain: {work} holds a run with other settings "
+                                                          "(unet_channels); starting over"]
+    (work / "run.json").unlink()  # a work folder from before run.json: starts over too
+    (work / "vae_ckpt").mkdir()
+    pretrain._work_dir(out, cfg, logs.append)
+    assert not (work / "vae_ckpt").exists() and len(logs) == 2
+
+
 def test_batches_are_a_pure_function_of_seed_phase_step():
     from ddspo_jax.world.prompts import training_set
 

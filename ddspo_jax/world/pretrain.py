@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -157,6 +158,29 @@ def world_unet_config(base_config: dict, channels: tuple[int, ...]) -> dict:
     return {**base_config, "block_out_channels": list(channels)}
 
 
+def _work_dir(out: Path, cfg: PretrainConfig, log) -> Path:
+    """The run's working folder (starting pipeline + Orbax checkpoints), `.<out>.work` beside `out`. A re-run
+    with the same settings resumes from it (more --vae-steps/--unet-steps continue it); one with other
+    settings (or a newer tiny builder) starts over instead of restoring checkpoints of another model (an Orbax
+    tree-mismatch traceback before)."""
+    from ddspo_jax.tiny import TINY_VERSION
+
+    work = out.parent / f".{out.name}.work"
+    stamp = {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "checkpoint_every", "vae_steps", "unet_steps")},
+             "tiny_version": TINY_VERSION}
+    try:
+        old = json.loads((work / "run.json").read_text())
+    except (OSError, ValueError):
+        old = None
+    if work.exists() and old != stamp:
+        changed = sorted(k for k in stamp if old is None or old.get(k) != stamp[k])
+        log(f"pretrain: {work} holds a run with other settings ({', '.join(changed)}); starting over")
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "run.json").write_text(json.dumps(stamp, sort_keys=True) + "\n")
+    return work
+
+
 def _build_base(base: Path, cfg: PretrainConfig) -> None:
     """The starting pipeline: the tiny builder's, its UNet re-made at --unet-channels (seeded the same way)."""
     from ddspo_jax.convert import export_unet
@@ -186,7 +210,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     from ddspo_jax.convert.common import read_config
 
     out = Path(cfg.out)
-    work = out.parent / f".{out.name}.work"
+    work = _work_dir(out, cfg, log)
     base = Path(cfg.init) if cfg.init else work / "base"  # --init: continue from an earlier world model
     if not cfg.init:
         _build_base(base, cfg)
