@@ -20,6 +20,17 @@ def test_few_step_pretrain_resumes_and_writes_a_diffusers_pipeline(tmp_path):
     assert s["vae_loss_last"] < 0.6 * s["vae_loss_first"], s
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "model", safety_checker=None)
     assert pipe.unet.config.sample_size == 16 and pipe.vae.config.latent_channels == 4
+    # the written scaling_factor is LDM's 1 / std of the trained VAE's latents, here from diffusers' encoder
+    import torch
+
+    from ddspo_jax.world.prompts import training_set
+
+    metas = training_set(cfg.captions, cfg.seed, tuple(cfg.forms.split(",")))
+    x = np.concatenate([pretrain.batch_of_scenes(cfg, 3, i, metas)[0] for i in range(4)])
+    with torch.no_grad():
+        z = pipe.vae.encode(torch.from_numpy(x).permute(0, 3, 1, 2) * 2 - 1).latent_dist.mean.double()
+    assert pipe.vae.config.scaling_factor == pytest.approx(1.0 / float(z.std(correction=0)), rel=1e-3)
+    assert any(f"VAE scaling_factor {pipe.vae.config.scaling_factor:.6g}" in m for m in logs)
     cfg.vae_steps, cfg.unet_steps = 30, 5  # the VAE phase is done; the UNet phase resumes at 3
     pretrain.pretrain(cfg, log=logs.append)
     assert any("pretrain vae: resumed at step 30" in m for m in logs) and any("unet: resumed at step 3" in m

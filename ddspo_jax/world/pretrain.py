@@ -14,7 +14,8 @@ deterministic bytes. Training data are rendered on the fly (world.scenes) from t
 (world.prompts.training_set, its four forms drawn uniformly), so the evaluation prompts stay held out.
 
   VAE   reconstruction MSE + 1e-6 KL (SD's small KL), AdamW
-  UNet  DDPM epsilon MSE on the frozen VAE's posterior-mean latents, 10 % empty captions (for CFG), AdamW
+  UNet  DDPM epsilon MSE on the frozen VAE's posterior-mean latents, 10 % empty captions (for CFG), AdamW;
+        the latents scaled to unit variance first (the VAE's scaling_factor, LDM's rule: `latent_scale`)
 
 Options measured but off by default (README, "The world model"): --ema (export an EMA of the UNet's weights),
 --lr-floor (cosine decay), --forms (caption forms), --init (continue from an earlier world model),
@@ -46,6 +47,7 @@ class PretrainConfig:
     unet_steps: int = 8000
     batch: int = 16
     vae_lr: float = 1e-3
+    vae_kl: float = 1e-6      # weight of the VAE's KL term (SD's small KL)
     unet_lr: float = 5e-4
     warmup: int = 200
     lr_floor: float = 1.0     # cosine decay to lr_floor x lr (1.0: constant after warmup, as shipped)
@@ -59,6 +61,7 @@ class PretrainConfig:
     forms: str = ",".join(world_prompts.DEFAULT_FORMS)
     unet_channels: str = "32,64"  # the UNet's block_out_channels (the tiny builder's: 32,64)
     min_snr: float = 0.0      # > 0: Min-SNR-gamma loss weights min(SNR, gamma) / SNR (Hang et al. 2023)
+    latent_scale: float = 0.0  # the VAE's scaling_factor; 0: 1 / std of its latents when trained here (LDM)
 
 
 def batch_of_scenes(cfg: PretrainConfig, phase: int, step: int, metas: list[dict]):
@@ -136,6 +139,26 @@ def _run_phase(name: str, cfg: PretrainConfig, steps: int, params, loss_fn, make
     mngr.wait_until_finished()
     mngr.close()
     return state["ema" if ema else "params"], [float(x) for x in losses]
+
+
+def latent_scale(cfg: PretrainConfig, vae, vae_params, metas, current: float, batches: int = 4) -> float:
+    """The VAE's scaling_factor: --latent-scale if given; else, when this run trained the VAE, 1 / std of its
+    posterior-mean latents over `batches` batches of scenes (phase 3's stream), LDM's rule (Rombach et al.
+    2022, Sec. 4.3.2 and App. G: unit-variance latents, so the noise schedule's signal-to-noise ratios mean
+    what they do for SD); else the starting VAE's (--init with --vae-steps 0 keeps the factor its UNet was
+    trained at). The builder's 0.18215 is SD's factor for SD's VAE: this VAE's latents, scaled by it, vary
+    with a std of ~0.2 per channel, so at every timestep the UNet saw ~25x less signal than SD's does."""
+    import jax
+    import jax.numpy as jnp
+
+    if cfg.latent_scale > 0:
+        return float(cfg.latent_scale)
+    if cfg.vae_steps == 0:
+        return float(current)
+    moments = jax.jit(lambda p, x: vae.apply({"params": p}, x * 2.0 - 1.0, method="moments")[0])
+    z = np.concatenate([np.asarray(moments(vae_params, jnp.asarray(batch_of_scenes(cfg, 3, i, metas)[0])))
+                        for i in range(batches)])
+    return float(f"{1.0 / float(np.std(z.astype(np.float64))):.5g}")
 
 
 def min_snr_weights(alphas_cumprod: np.ndarray, gamma: float) -> np.ndarray:
@@ -226,14 +249,16 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
         z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
         recon = vae.apply({"params": p}, z * scale, method="decode")
         kl = 0.5 * jnp.mean(jnp.sum(mean ** 2 + jnp.exp(logvar) - 1.0 - logvar, axis=-1))
-        return jnp.mean((recon - x) ** 2) + 1e-6 * kl
+        return jnp.mean((recon - x) ** 2) + cfg.vae_kl * kl
 
     vae_params, vae_losses = _run_phase(
         "vae", cfg, cfg.vae_steps, bb.vae_params, vae_loss, lambda i: jnp.asarray(batch_of_scenes(cfg, 0, i, metas)[0]),
         work / "vae_ckpt", cfg.vae_lr, log)
     bb.vae_params = vae_params
+    new_scale = latent_scale(cfg, vae, vae_params, metas, scale)
+    log(f"pretrain: VAE scaling_factor {new_scale:.6g} (the starting pipeline's: {scale:.6g})")
     empty = bb.negative_cond(1)["prompt_embeds"][0]
-    encode = jax.jit(lambda p, x: vae.apply({"params": p}, x * 2.0 - 1.0, method="encode"))
+    encode = jax.jit(lambda p, x: vae.apply({"params": p}, x * 2.0 - 1.0, method="encode") * (new_scale / scale))
     sched = bb.schedule
 
     def unet_batch(i):
@@ -260,7 +285,8 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("ddspo_tiny.json"))
-    export_vae(read_config(base / "vae"), jax.tree.map(np.asarray, vae_params), tmp / "vae")
+    export_vae({**read_config(base / "vae"), "scaling_factor": new_scale}, jax.tree.map(np.asarray, vae_params),
+               tmp / "vae")
     export_unet(read_config(base / "unet"), jax.tree.map(np.asarray, unet_params), tmp / "unet")
     if out.exists():
         shutil.rmtree(out)
@@ -278,6 +304,7 @@ _HELP = {
     "vae_steps": "VAE training steps (0: keep the VAE as built, or --init's)",
     "unet_steps": "UNet training steps",
     "batch": "scenes per step",
+    "vae_kl": "weight of the VAE's KL term (larger: noisier posteriors, a decoder robust to latent noise)",
     "vae_lr": "VAE AdamW peak lr", "unet_lr": "UNet AdamW peak lr",
     "warmup": "linear warmup steps (at most a tenth of a phase)",
     "lr_floor": "cosine decay after warmup to lr_floor x lr at the last step (1.0: constant)",
@@ -290,6 +317,8 @@ _HELP = {
     "forms": "comma-separated caption forms (world.prompts.FORMS) drawn for the captions",
     "min_snr": "Min-SNR-gamma weighting of the UNet's epsilon loss (0: off, the plain DDPM loss)",
     "unet_channels": "the UNet's block widths, comma-separated (the tiny builder's 32,64; more is slower)",
+    "latent_scale": "the VAE's scaling_factor (0: 1/std of its latents when this run trains the VAE, as LDM; "
+                    "else the starting VAE's)",
     "init": "a world-model folder to start both phases from instead of the tiny builder's random weights",
 }
 
