@@ -1,10 +1,12 @@
 """Pre-trains the scene world's text-to-image model with the project's own code: the VAE, then the UNet.
 
   python -m ddspo_jax.world pretrain --out world_model [--vae-steps N] [--unet-steps N] [--batch B]
-  python -m ddspo_jax.world pretrain --out ddspo_jax/world/model     # rebuilds the shipped model (defaults)
+  python -m ddspo_jax.world pretrain --out ddspo_jax/world/model     # the default recipe
 
-The shipped model (ddspo_jax/world/model) is this command with its defaults: VAE 800 steps, UNet 8000 steps,
-batch 16, 4000 training captions, seed 0 (about 7 + 50 minutes on 2 CPU cores).
+The shipped model (ddspo_jax/world/model) is this command with its defaults at commit 1a0eb8e: VAE 800 steps,
+UNet 8000 steps, batch 16, 4000 training captions, seed 0 (about 7 + 50 minutes on 2 CPU cores). Since then
+the tiny vocabulary holds the world's words as single tokens and the VAE's scaling_factor is computed (README,
+"What limits the world model"): the defaults make a model of the same recipe that has not replaced it.
 
 The architecture is the embedded tiny SD pipeline's (ddspo_jax/tiny.py: UNet, CLIP text encoder and
 tokenizer, f4 VAE at 64x64, DDIM scheduler). The text encoder stays as the tiny builder makes it — random and
