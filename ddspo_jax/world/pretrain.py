@@ -15,7 +15,7 @@ learns to read them, and nothing about the text side needs training or shipping 
 deterministic bytes. Training data are rendered on the fly (world.scenes) from the training captions
 (world.prompts.training_set, its four forms drawn uniformly), so the evaluation prompts stay held out.
 
-  VAE   reconstruction MSE + 1e-6 KL (SD's small KL), AdamW
+  VAE   reconstruction MSE + 1e-6 KL (SD's small KL; --vae-kl), AdamW
   UNet  DDPM epsilon MSE on the frozen VAE's posterior-mean latents, 10 % empty captions (for CFG), AdamW;
         the latents scaled to unit variance first (the VAE's scaling_factor, LDM's rule: `latent_scale`)
 
@@ -191,8 +191,8 @@ def _work_dir(out: Path, cfg: PretrainConfig, log) -> Path:
     from ddspo_jax.tiny import TINY_VERSION
 
     work = out.parent / f".{out.name}.work"
-    stamp = {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "checkpoint_every", "vae_steps", "unet_steps")},
-             "tiny_version": TINY_VERSION}
+    free = ("out", "checkpoint_every", "vae_steps", "unet_steps")  # may change between a run and its resumption
+    stamp = {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in free}, "tiny_version": TINY_VERSION}
     try:
         old = json.loads((work / "run.json").read_text())
     except (OSError, ValueError):
@@ -207,7 +207,8 @@ def _work_dir(out: Path, cfg: PretrainConfig, log) -> Path:
 
 
 def _build_base(base: Path, cfg: PretrainConfig) -> None:
-    """The starting pipeline: the tiny builder's, its UNet re-made at --unet-channels (seeded the same way)."""
+    """The starting pipeline: the tiny builder's, its UNet re-made at --unet-channels (seeded the same way).
+    Reused when finished; the width check catches a build killed between the two steps."""
     from ddspo_jax.convert import export_unet
     from ddspo_jax.convert.common import read_config
     from ddspo_jax.models.unet import UNet2DConditionModel
