@@ -1,5 +1,5 @@
 """Smoke tests of the benchmarks: train_step.py (the side-by-side table prints and the two implementations
-agree), peak_buffers.py, world_latents.py."""
+agree), peak_buffers.py, world_latents.py, world_shapes.py."""
 
 import importlib.util
 import math
@@ -152,3 +152,44 @@ def test_world_latents_shipped_vae_reconstructs_every_scene_and_noise_breaks_it(
     r = mod.measure(str(SCRIPT.parents[1] / "ddspo_jax" / "world" / "model"), every=30, sigmas=(0.0, 0.5))
     assert r["scenes"] == 16 and r["acc_0"] == 1.0 and r["recon_mse"] < 1e-3
     assert r["acc_0.5"] < 0.5, r
+
+
+def test_world_shapes_counts_hits_on_rendered_truth_and_on_circles_drawn_as_squares(tmp_path):
+    """benchmarks/world_shapes.py on a hand-made evaluate folder: the renderer's ground-truth scenes hit every
+    asked-for group; the same scenes with each circle drawn as a square of the same size miss exactly the
+    circle groups (and their colours), and the object counts stay right."""
+    import json
+
+    import numpy as np
+
+    from ddspo_jax.sample import save_png
+    from ddspo_jax.world import prompts, scenes
+
+    spec = importlib.util.spec_from_file_location("world_shapes", SCRIPT.parent / "world_shapes.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    metas = [m for m in prompts.geneval_set() if m["tag"] in ("colors", "two_object")][::3]
+    prompts.write_jsonl(metas, tmp_path / "p.jsonl")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, m in enumerate(metas):
+        _, objs = scenes.render_for(m, rng)
+        squared = [scenes.Obj("square" if o.shape == "circle" else o.shape, o.color, o.x, o.y, o.r) for o in objs]
+        for name, o in (("model", objs), ("compare", squared)):
+            (tmp_path / name).mkdir(exist_ok=True)
+            save_png(scenes.render(o), tmp_path / name / f"{i:05d}_0.png")
+            rows.append({"model": name, "prompt_index": i, "file": f"{name}/{i:05d}_0.png"})
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "evaluate.json").write_text(json.dumps({"prompts": str(tmp_path / "p.jsonl"),
+                                                        "models": {"model": "truth", "compare": "squared"}}))
+    r = mod.diagnose(tmp_path)
+    truth, squared = r["model"], r["compare"]
+    assert truth["shape_hit"] == truth["colour_shape_hit"] == truth["right_count"] == 1.0, truth
+    asked = [q for m in metas for q in m["include"]]
+    circles = sum(q["class"] == "circle" for q in asked)
+    assert circles > 0 and squared["circle"] == 0.0 and squared["right_count"] == 1.0, squared
+    assert squared["square"] == squared["triangle"] == squared["ring"] == 1.0, squared
+    assert math.isclose(squared["shape_hit"], 1 - circles / len(asked)), squared
+    coloured = [q for q in asked if "color" in q]
+    assert math.isclose(squared["colour_shape_hit"],
+                        1 - sum(q["class"] == "circle" for q in coloured) / len(coloured)), squared

@@ -1,0 +1,82 @@
+"""What the judge saw in an `evaluate --scorer shapes` folder: per-class shape hits, colours, object counts.
+
+  python benchmarks/world_shapes.py OUT_DIR          # OUT_DIR written by python -m ddspo_jax.evaluate
+
+GenEval's verdict is all-or-nothing per image, so two world models' overall scores differ by less than their
+±0.1 intervals unless one is far better. These rates count each asked-for object group instead (454 prompts
+ask for ~800): `shape hit` of a class = the fraction of its include lines with at least `count` detected
+objects of that class (any colour), `colour+shape` = with the asked colour too, `right count` = images with as
+many objects as the line asks for in all. README ("What limits the world model") compares world models by
+them. The last line per model: RESULT model=... shape_hit=... colour_shape_hit=... <class>=...
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def diagnose(out: str | Path) -> dict[str, dict]:
+    """model name ("model" / "compare") -> rates over the images of results.jsonl."""
+    from PIL import Image
+
+    from ddspo_jax.world import judge, prompts
+
+    out = Path(out)
+    settings = json.loads((out / "evaluate.json").read_text())
+    metas = prompts.read_jsonl(settings["prompts"])
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    result = {}
+    for name in dict.fromkeys(r["model"] for r in rows):
+        hit, asked, found = collections.Counter(), collections.Counter(), collections.Counter()
+        col_hit = col_asked = right_count = objects = images = 0
+        for r in (r for r in rows if r["model"] == name):
+            meta = metas[r["prompt_index"]]
+            det = judge.detect(np.asarray(Image.open(out / r["file"]).convert("RGB"), np.float32) / 255.0)
+            images += 1
+            objects += len(det)
+            found.update(d.shape for d in det)
+            right_count += len(det) == sum(int(q["count"]) for q in meta["include"])
+            for q in meta["include"]:
+                asked[q["class"]] += 1
+                hit[q["class"]] += sum(d.shape == q["class"] for d in det) >= int(q["count"])
+                if "color" in q:
+                    col_asked += 1
+                    col_hit += sum(d.shape == q["class"] and d.color == q["color"] for d in det) >= int(q["count"])
+        result[name] = {"spec": settings["models"][name], "images": images, "objects_per_image": objects / images,
+                        "right_count": right_count / images,
+                        "shape_hit": sum(hit.values()) / max(sum(asked.values()), 1),
+                        "colour_shape_hit": col_hit / max(col_asked, 1),
+                        **{c: hit[c] / asked[c] for c in sorted(asked)},
+                        "detected": dict(sorted(found.items()))}
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", help="a folder written by python -m ddspo_jax.evaluate --scorer shapes")
+    args = ap.parse_args(argv)
+    if not (Path(args.out) / "results.jsonl").is_file():
+        print(f"world_shapes: {args.out} has no results.jsonl (run python -m ddspo_jax.evaluate first)",
+              file=sys.stderr)
+        return 2
+    for name, r in diagnose(args.out).items():
+        classes = [k for k in r if k in ("circle", "square", "triangle", "ring")]
+        print(f"{name} ({r['spec']}): {r['images']} images, {r['objects_per_image']:.2f} objects per image, "
+              f"right count {r['right_count']:.3f}, detected {r['detected']}")
+        print("RESULT " + " ".join([f"model={name}", f"shape_hit={r['shape_hit']:.3f}",
+                                    f"colour_shape_hit={r['colour_shape_hit']:.3f}"]
+                                   + [f"{c}={r[c]:.3f}" for c in classes]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
