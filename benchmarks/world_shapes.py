@@ -18,7 +18,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -26,8 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 def diagnose(out: str | Path) -> dict[str, dict]:
     """model name ("model" / "compare") -> rates over the images of results.jsonl."""
-    from PIL import Image
-
+    from ddspo_jax.evaluate import _read_png
     from ddspo_jax.world import judge, prompts
 
     out = Path(out)
@@ -40,7 +38,7 @@ def diagnose(out: str | Path) -> dict[str, dict]:
         col_hit = col_asked = right_count = objects = images = 0
         for r in (r for r in rows if r["model"] == name):
             meta = metas[r["prompt_index"]]
-            det = judge.detect(np.asarray(Image.open(out / r["file"]).convert("RGB"), np.float32) / 255.0)
+            det = judge.detect(_read_png(out / r["file"]))
             images += 1
             objects += len(det)
             found.update(d.shape for d in det)
