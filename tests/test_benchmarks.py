@@ -142,16 +142,16 @@ def test_peak_buffers_names_the_big_temporary(tmp_path):
     assert size <= r["peak_bytes"] <= temp, (r["peak_bytes"], temp)
 
 
-def test_world_latents_shipped_vae_reconstructs_every_scene_and_noise_breaks_it():
+def test_world_latents_shipped_vae_reconstructs_scenes_and_survives_latent_noise():
     """benchmarks/world_latents.py on 16 held-out scenes of the shipped world model: its VAE's reconstructions
-    are all judged correct (the renderer's ground truth survives the round trip) and latent noise of half the
-    latents' std makes the judge fail on most (the fragility README's KL table reports)."""
+    are judged correct (the renderer's ground truth survives the round trip) and most stay correct under latent
+    noise of half the latents' std (KL weight 1e-4; the 1e-6 VAE shipped before kept 0.24, README's KL table)."""
     spec = importlib.util.spec_from_file_location("world_latents", SCRIPT.parent / "world_latents.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     r = mod.measure(str(SCRIPT.parents[1] / "ddspo_jax" / "world" / "model"), every=30, sigmas=(0.0, 0.5))
-    assert r["scenes"] == 16 and r["acc_0"] == 1.0 and r["recon_mse"] < 1e-3
-    assert r["acc_0.5"] < 0.5, r
+    assert r["scenes"] == 16 and r["acc_0"] >= 15 / 16 and r["recon_mse"] < 1e-3, r
+    assert r["acc_0.5"] >= 0.75, r
 
 
 def test_world_shapes_counts_hits_on_rendered_truth_and_on_circles_drawn_as_squares(tmp_path):

@@ -95,3 +95,29 @@ def test_sample_from_run_folder_and_errors(tiny, tmp_path, capsys):
     assert "no checkpoint for step 4" in capsys.readouterr().err
     assert sample.main(["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "y"), *base]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_a_model_folder_carries_its_own_generation_settings(tiny, tmp_path, capsys):
+    """ddspo_generation.json in a model folder replaces the family's paper defaults (SD: 7.5 / 25 / pndm):
+    sampling the folder without flags gives the same bytes as the plain folder sampled with those settings as
+    explicit flags; flags still win over the file; a bad key is refused, naming the file and the key."""
+    import shutil
+
+    own = tmp_path / "own"
+    shutil.copytree(tiny, own)
+    (own / "ddspo_generation.json").write_text(json.dumps({"_why": "a comment", "guidance": 2.0, "steps": 3,
+                                                           "sampler": "ddim"}))
+    base = ["--prompts", str(TINY_PROMPTS), "--limit", "2", "--batch", "2"]
+    assert sample.main(["--model", str(own), "--out", str(tmp_path / "a"), *base]) == 0
+    assert sample.main(["--model", str(tiny), "--out", str(tmp_path / "b"), "--guidance", "2", "--steps", "3",
+                        "--sampler", "ddim", *base]) == 0
+    s = json.loads((tmp_path / "a" / "samples.json").read_text())["settings"]
+    assert (s["guidance"], s["steps"], s["sampler"]) == (2.0, 3, "ddim")
+    np.testing.assert_array_equal(png(tmp_path / "a" / "00001_seed0.png"), png(tmp_path / "b" / "00001_seed0.png"))
+    assert sample.main(["--model", str(own), "--out", str(tmp_path / "c"), "--guidance", "7.5", *base]) == 0
+    assert json.loads((tmp_path / "c" / "samples.json").read_text())["settings"]["guidance"] == 7.5
+    assert not np.array_equal(png(tmp_path / "a" / "00001_seed0.png"), png(tmp_path / "c" / "00001_seed0.png"))
+    (own / "ddspo_generation.json").write_text(json.dumps({"cfg": 2.0}))
+    assert sample.main(["--model", str(own), "--out", str(tmp_path / "d"), *base]) == 2
+    err = capsys.readouterr().err
+    assert "ddspo_generation.json" in err and "'cfg'" in err

@@ -83,7 +83,7 @@ def test_wheel_installed_elsewhere_runs(tmp_path):
 
     names = set(zipfile.ZipFile(wheel).namelist())  # the shipped world model travels with the package
     assert {"ddspo_jax/world/model/model_index.json", "ddspo_jax/world/model/unet/diffusion_pytorch_model.safetensors",
-            "ddspo_jax/world/model/tokenizer/vocab.json"} <= names
+            "ddspo_jax/world/model/tokenizer/vocab.json", "ddspo_jax/world/model/ddspo_generation.json"} <= names
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     py = venv / "bin" / "python"

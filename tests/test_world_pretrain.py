@@ -9,7 +9,7 @@ import pytest
 from ddspo_jax.world import pretrain
 
 
-@pytest.mark.slow  # ~1.5 min on 2 cores (two pretrain calls, each compiling the VAE and UNet steps)
+@pytest.mark.slow  # ~2 min on 2 cores (three pretrain calls, each compiling the VAE and UNet steps)
 def test_few_step_pretrain_resumes_and_writes_a_diffusers_pipeline(tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -31,10 +31,23 @@ def test_few_step_pretrain_resumes_and_writes_a_diffusers_pipeline(tmp_path):
         z = pipe.vae.encode(torch.from_numpy(x).permute(0, 3, 1, 2) * 2 - 1).latent_dist.mean.double()
     assert pipe.vae.config.scaling_factor == pytest.approx(1.0 / float(z.std(correction=0)), rel=1e-3)
     assert any(f"VAE scaling_factor {pipe.vae.config.scaling_factor:.6g}" in m for m in logs)
+    from ddspo_jax.backbones import folder_generation_defaults  # the folder carries its CFG scale
+
+    assert folder_generation_defaults(tmp_path / "model") == {"guidance": cfg.guidance}
     cfg.vae_steps, cfg.unet_steps = 30, 5  # the VAE phase is done; the UNet phase resumes at 3
     pretrain.pretrain(cfg, log=logs.append)
     assert any("pretrain vae: resumed at step 30" in m for m in logs) and any("unet: resumed at step 3" in m
                                                                                  for m in logs)
+    # the resumed run equals one run straight to 5 steps, bit for bit (how the shipped model was made: its
+    # 16000 UNet steps in resumed pieces of 8000 + 4000 + 4000)
+    from safetensors.numpy import load_file
+
+    straight = pretrain.PretrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "straight")})
+    pretrain.pretrain(straight, log=lambda *_: None)
+    for part in ("unet", "vae"):
+        a = load_file(tmp_path / "model" / part / "diffusion_pytorch_model.safetensors")
+        b = load_file(tmp_path / "straight" / part / "diffusion_pytorch_model.safetensors")
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), part
 
 
 def test_a_rerun_with_other_settings_starts_over_and_one_with_the_same_resumes(tmp_path):

@@ -245,11 +245,42 @@ def detect_family(folder: str | Path) -> str:
                      "is it a diffusers pipeline folder?")
 
 
+GENERATION_FILE = "ddspo_generation.json"  # a model folder's own sampler / steps / guidance, if it has them
+_GENERATION_KEYS = {"sampler": str, "steps": int, "guidance": float}
+
+
+def folder_generation_defaults(folder) -> dict[str, Any]:
+    """A model folder's recommended generation settings (`ddspo_generation.json`: any of sampler, steps,
+    guidance), which replace its family's paper defaults: a model trained here, like the scene world's, has
+    its own best CFG scale, and the file travels with the folder through `export`. No file: {}."""
+    path = Path(folder) / GENERATION_FILE
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object with any of {sorted(_GENERATION_KEYS)}")
+    out = {}
+    for k, v in raw.items():
+        if k.startswith("_"):  # comments
+            continue
+        if k not in _GENERATION_KEYS:
+            raise ConfigError(f"{path}: unknown key {k!r} (allowed: {sorted(_GENERATION_KEYS)})")
+        try:
+            out[k] = _GENERATION_KEYS[k](v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path}: {k}={v!r} is not a {_GENERATION_KEYS[k].__name__}") from None
+    return out
+
+
 def generation_settings(bb: Backbone, *, sampler: str = "", steps: int = 0, guidance=None, resolution: int = 0,
                         seed: int = 0) -> dict[str, Any]:
-    """Sampler, steps, guidance and latent shape: explicit values, else the family's paper defaults
-    (`defaults`) and the model folder's scheduler settings."""
-    d = bb.defaults
+    """Sampler, steps, guidance and latent shape: explicit values, else the model folder's own
+    (`ddspo_generation.json`), else the family's paper defaults (`defaults`); and the folder's scheduler
+    settings."""
+    d = {**bb.defaults, **folder_generation_defaults(bb.path)}
     path = bb.path / "scheduler" / "scheduler_config.json"
     sched = json.loads(path.read_text()) if path.is_file() else {}
     resolution = resolution or bb.default_resolution()

@@ -27,7 +27,7 @@ def get_config():
     c.data.records = "runs/world/records"
     c.data.shard_size = 64
     c.prepare.batch_size = 32
-    c.prepare.sampler = "ddim"          # the world model's scheduler; CFG 7.5 (the SD default)
+    c.prepare.sampler = "ddim"          # the world model's scheduler; CFG 5.0, its ddspo_generation.json
     c.prepare.steps = 20
     c.train.objective = "ddspo"
     c.train.beta = 16000.0

@@ -3,10 +3,11 @@
   python -m ddspo_jax.world pretrain --out world_model [--vae-steps N] [--unet-steps N] [--batch B]
   python -m ddspo_jax.world pretrain --out ddspo_jax/world/model     # the default recipe
 
-The shipped model (ddspo_jax/world/model) is this command with its defaults at commit 1a0eb8e: VAE 800 steps,
-UNet 8000 steps, batch 16, 4000 training captions, seed 0 (about 7 + 50 minutes on 2 CPU cores). Since then
-the tiny vocabulary holds the world's words as single tokens and the VAE's scaling_factor is computed (README,
-"What limits the world model"): the defaults make a model of the same recipe that has not replaced it.
+The shipped model (ddspo_jax/world/model) is this command with its defaults: VAE 800 steps (KL weight 1e-4),
+UNet 16000 steps, batch 16, 4000 training captions, seed 0 (about 10 + 84 minutes on 2 CPU cores). It was
+made in resumed pieces (8000 + 4000 + 4000 UNet steps); a resumed run equals a straight one bit for bit
+(tests/test_world_pretrain.py). The folder also gets `ddspo_generation.json` with --guidance (5.0: chosen on
+training captions, docs/world/world_model.md), the CFG scale every command then samples it with.
 
 The architecture is the embedded tiny SD pipeline's (ddspo_jax/tiny.py: UNet, CLIP text encoder and
 tokenizer, f4 VAE at 64x64, DDIM scheduler). The text encoder stays as the tiny builder makes it — random and
@@ -15,15 +16,15 @@ learns to read them, and nothing about the text side needs training or shipping 
 deterministic bytes. Training data are rendered on the fly (world.scenes) from the training captions
 (world.prompts.training_set, its four forms drawn uniformly), so the evaluation prompts stay held out.
 
-  VAE   reconstruction MSE + 1e-6 KL (SD's small KL; --vae-kl), AdamW
+  VAE   reconstruction MSE + 1e-4 KL (--vae-kl; SD's 1e-6 left a latent space that noise breaks), AdamW
   UNet  DDPM epsilon MSE on the frozen VAE's posterior-mean latents, 10 % empty captions (for CFG), AdamW;
         the latents scaled to unit variance first (the VAE's scaling_factor, LDM's rule: `latent_scale`)
 
-Options measured but off by default (README, "The world model"): --ema (export an EMA of the UNet's weights),
+Options measured but off by default (docs/world/world_model.md): --ema (export an EMA of the UNet's weights),
 --lr-floor (cosine decay), --forms (caption forms), --init (continue from an earlier world model),
 --unet-channels with --min-snr (a 4x wider UNet with Min-SNR-gamma weights, trained from scratch, did not score
-higher than the shipped one). What does raise it is training longer (README, "Training length is what moves
-it"): `--vae-kl 1e-4 --unet-steps 16000` scores 0.290 overall vs the shipped 0.261, per-prompt 0.098 vs 0.055.
+higher). What raised the score was training longer with the smoother latent space (--vae-kl 1e-4; 8000 UNet
+steps: 0.188 overall, 16000: 0.290 at CFG 7.5, 0.296 at CFG 5).
 
 Deterministic (every batch is a pure function of (seed, phase, step)); each phase checkpoints with Orbax every
 `--checkpoint-every` steps and a re-run resumes; the result is an ordinary diffusers pipeline folder.
@@ -47,10 +48,10 @@ from ddspo_jax.world import scenes
 class PretrainConfig:
     out: str
     vae_steps: int = 800
-    unet_steps: int = 8000
+    unet_steps: int = 16000
     batch: int = 16
     vae_lr: float = 1e-3
-    vae_kl: float = 1e-6      # weight of the VAE's KL term (SD's small KL)
+    vae_kl: float = 1e-4      # weight of the VAE's KL term (SD's 1e-6 left a latent space noise breaks)
     unet_lr: float = 5e-4
     warmup: int = 200
     lr_floor: float = 1.0     # cosine decay to lr_floor x lr (1.0: constant after warmup, as shipped)
@@ -65,6 +66,7 @@ class PretrainConfig:
     unet_channels: str = "32,64"  # the UNet's block_out_channels (the tiny builder's: 32,64)
     min_snr: float = 0.0      # > 0: Min-SNR-gamma loss weights min(SNR, gamma) / SNR (Hang et al. 2023)
     latent_scale: float = 0.0  # the VAE's scaling_factor; 0: 1 / std of its latents when trained here (LDM)
+    guidance: float = 5.0     # the CFG scale written to the folder's ddspo_generation.json (chosen, README)
 
 
 def batch_of_scenes(cfg: PretrainConfig, phase: int, step: int, metas: list[dict]):
@@ -192,7 +194,8 @@ def _work_dir(out: Path, cfg: PretrainConfig, log) -> Path:
     from ddspo_jax.tiny import TINY_VERSION
 
     work = out.parent / f".{out.name}.work"
-    free = ("out", "checkpoint_every", "vae_steps", "unet_steps")  # may change between a run and its resumption
+    # may change between a run and its resumption (guidance is only written to the folder)
+    free = ("out", "checkpoint_every", "vae_steps", "unet_steps", "guidance")
     stamp = {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in free}, "tiny_version": TINY_VERSION}
     try:
         old = json.loads((work / "run.json").read_text())
@@ -231,7 +234,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     import jax.numpy as jnp
     import ml_collections
 
-    from ddspo_jax.backbones import load_backbone
+    from ddspo_jax.backbones import GENERATION_FILE, load_backbone
     from ddspo_jax.config import base_config
     from ddspo_jax.convert import export_unet, export_vae
     from ddspo_jax.convert.common import read_config
@@ -292,6 +295,9 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     export_vae({**read_config(base / "vae"), "scaling_factor": new_scale}, jax.tree.map(np.asarray, vae_params),
                tmp / "vae")
     export_unet(read_config(base / "unet"), jax.tree.map(np.asarray, unet_params), tmp / "unet")
+    (tmp / GENERATION_FILE).write_text(json.dumps(
+        {"_why": "the world model's CFG scale, chosen on training captions (README, 'The world model')",
+         "guidance": cfg.guidance}, indent=1) + "\n")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -323,6 +329,7 @@ _HELP = {
     "unet_channels": "the UNet's block widths, comma-separated (the tiny builder's 32,64; more is slower)",
     "latent_scale": "the VAE's scaling_factor (0: 1/std of its latents when this run trains the VAE, as LDM; "
                     "else the starting VAE's)",
+    "guidance": "the CFG scale the folder recommends (ddspo_generation.json; its family's default is SD's 7.5)",
     "init": "a world-model folder to start both phases from instead of the tiny builder's random weights",
 }
 
