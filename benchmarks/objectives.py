@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--pairs", type=int, default=256)
-    ap.add_argument("--sampler-steps", type=int, default=20)
+    ap.add_argument("--sampler-steps", type=int, default=0, help="(0: the model's own, world: DDIM 20)")
     ap.add_argument("--eval-limit", type=int, default=0, help="score only the first N held-out prompts")
     ap.add_argument("--eval-stride", type=int, default=1, help="score every K-th held-out prompt (all tags kept)")
     ap.add_argument("--dspo-weights", default="beta,1000,100", help="DSPO w values swept on seed 0 ('beta': w = β)")

@@ -6,8 +6,7 @@ GenEval's verdict is all-or-nothing per image, so two world models' overall scor
 ±0.1 intervals unless one is far better. These rates count each asked-for object group instead (454 prompts
 ask for ~800): `shape hit` of a class = the fraction of its include lines with at least `count` detected
 objects of that class (any colour), `colour+shape` = with the asked colour too, `right count` = images with as
-many objects as the line asks for in all. README ("What limits the world model") compares world models by
-them. The last line per model: RESULT model=... shape_hit=... colour_shape_hit=... <class>=...
+many objects as the line asks for in all. docs/world/world_model.md compares world models by them. The last line per model: RESULT model=... shape_hit=... colour_shape_hit=... <class>=...
 """
 
 from __future__ import annotations

@@ -145,7 +145,8 @@ def test_peak_buffers_names_the_big_temporary(tmp_path):
 def test_world_latents_shipped_vae_reconstructs_scenes_and_survives_latent_noise():
     """benchmarks/world_latents.py on 16 held-out scenes of the shipped world model: its VAE's reconstructions
     are judged correct (the renderer's ground truth survives the round trip) and most stay correct under latent
-    noise of half the latents' std (KL weight 1e-4; the 1e-6 VAE shipped before kept 0.24, README's KL table)."""
+    noise of half the latents' std (KL weight 1e-4; the 1e-6 VAE shipped before kept 0.24: the KL table of
+    docs/world/world_model.md)."""
     spec = importlib.util.spec_from_file_location("world_latents", SCRIPT.parent / "world_latents.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -33,7 +33,8 @@ def test_few_step_pretrain_resumes_and_writes_a_diffusers_pipeline(tmp_path):
     assert any(f"VAE scaling_factor {pipe.vae.config.scaling_factor:.6g}" in m for m in logs)
     from ddspo_jax.backbones import folder_generation_defaults  # the folder carries its CFG scale
 
-    assert folder_generation_defaults(tmp_path / "model") == {"guidance": cfg.guidance}
+    assert folder_generation_defaults(tmp_path / "model") == {"sampler": "ddim", "steps": 20,
+                                                              "guidance": cfg.guidance}
     cfg.vae_steps, cfg.unet_steps = 30, 5  # the VAE phase is done; the UNet phase resumes at 3
     pretrain.pretrain(cfg, log=logs.append)
     assert any("pretrain vae: resumed at step 30" in m for m in logs) and any("unet: resumed at step 3" in m

@@ -27,8 +27,7 @@ def get_config():
     c.data.records = "runs/world/records"
     c.data.shard_size = 64
     c.prepare.batch_size = 32
-    c.prepare.sampler = "ddim"          # the world model's scheduler; CFG 5.0, its ddspo_generation.json
-    c.prepare.steps = 20
+    # sampler, steps and CFG scale: the world model's own (its ddspo_generation.json: DDIM 20 steps, CFG 5.0)
     c.train.objective = "ddspo"
     c.train.beta = 16000.0
     c.train.lr = 16000.0 / 2.048e8      # the paper's text's rule; the release's 2.5e-9 x 32 pairs would not move

@@ -63,7 +63,7 @@ def _colored(color: str | None, shape: str) -> str:
 
 
 FORMS = ("compound", "position", "counting", "partial", "plain")
-DEFAULT_FORMS = FORMS[:4]  # the shipped prompt file's and world model's; "plain" measured, not adopted (README)
+DEFAULT_FORMS = FORMS[:4]  # the shipped prompt file's and world model's; "plain" measured, not adopted (docs/world)
 
 
 def training_set(n: int, seed: int = 0, forms: tuple[str, ...] = DEFAULT_FORMS) -> list[dict]:
@@ -77,7 +77,8 @@ def training_set(n: int, seed: int = 0, forms: tuple[str, ...] = DEFAULT_FORMS) 
     The uncoloured and fully coloured variants of position, counting and partial ARE template prompts, hence
     held out. Without `plain` no caption is colourless, so every uncoloured template (single_object,
     two_object, counting, position) asks for a "no colour word" never seen; adding it (2500 more UNet steps
-    from the shipped model) did not raise those tags (README), so the default forms stay the first four."""
+    from the model shipped before 2026-12-05) did not raise those tags (docs/world/world_model.md), so the
+    default forms stay the first four."""
     unknown = set(forms) - set(FORMS)
     if unknown or not forms:
         raise ValueError(f"caption forms {sorted(unknown) or forms} are not among {FORMS}")
