@@ -272,6 +272,12 @@ def folder_generation_defaults(folder) -> dict[str, Any]:
             out[k] = _GENERATION_KEYS[k](v)
         except (TypeError, ValueError):
             raise ConfigError(f"{path}: {k}={v!r} is not a {_GENERATION_KEYS[k].__name__}") from None
+    from ddspo_jax.sampling import SAMPLERS
+
+    if out.get("sampler", SAMPLERS[0]) not in SAMPLERS:
+        raise ConfigError(f"{path}: sampler {out['sampler']!r} is not one of {SAMPLERS}")
+    if out.get("steps", 1) < 1 or out.get("guidance", 0.0) < 0:
+        raise ConfigError(f"{path}: steps must be >= 1 and guidance >= 0 (got {out})")
     return out
 
 
