@@ -337,7 +337,8 @@ class TrainingEval:
         out = {self.scorer.name: float(s.mean())}
         if getattr(self.scorer, "binary", False) and hasattr(self.scorer, "tag"):
             g = tag_summary({"m": s[:, None]}, [self.scorer.tag(q) for q in self.prompts], n_boot=1)
-            out = {f"{self.scorer.name}_overall": g["models"]["m"]["overall"],
+            out = {f"{self.scorer.name}_overall": g["models"]["m"]["overall"],  # GenEval's: mean of the tags
+                   f"{self.scorer.name}_per_prompt": float(s.mean()),  # what small tags do not swing
                    **{f"{self.scorer.name}_{t}": v["accuracy"] for t, v in g["models"]["m"]["per_tag"].items()}}
         return out
 

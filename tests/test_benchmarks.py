@@ -108,6 +108,16 @@ def test_objectives_benchmark_smoke(tmp_path):
     assert {"Reference", "SFT", "Diffusion-DPO", "DSPO+CPP", "DDSPO", "DDSPO Rand-positive",
             "DDSPO Not-paired", "DSPO w=beta", "DSPO w=100"} <= methods, methods
     assert re.search(r"\| DDSPO \| 1 \| [0-9.]+ ± 0.000", proc.stdout), proc.stdout[-2000:]
+    # per_prompt is the fraction of the 6 prompts judged right: the tags' accuracies weighted by their counts
+    import csv
+    import json
+
+    from ddspo_jax.configs.world import PROMPTS
+
+    tags = [json.loads(q)["tag"] for q in (PROMPTS / "world_eval.jsonl").read_text().splitlines()[:6]]
+    for r in csv.DictReader(open(tmp_path / "out" / "objectives.csv")):
+        want = sum(float(r[f"shapes_{t}"]) for t in tags) / len(tags)
+        assert abs(float(r["shapes_per_prompt"]) - want) < 1e-9, r
 
 
 _PEAK_PROGRAM = r"""
