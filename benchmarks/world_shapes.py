@@ -6,7 +6,8 @@ GenEval's verdict is all-or-nothing per image, so two world models' overall scor
 ±0.1 intervals unless one is far better. These rates count each asked-for object group instead (454 prompts
 ask for ~800): `shape hit` of a class = the fraction of its include lines with at least `count` detected
 objects of that class (any colour), `colour+shape` = with the asked colour too, `right count` = images with as
-many objects as the line asks for in all. docs/world/world_model.md compares world models by them. The last line per model: RESULT model=... shape_hit=... colour_shape_hit=... <class>=...
+many objects as the line asks for in all. docs/world/world_model.md compares world models by them. The last
+line per model: RESULT model=... shape_hit=... colour_shape_hit=... <class>=...
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import collections
 import json
 import sys
 from pathlib import Path
-
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

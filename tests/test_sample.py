@@ -118,8 +118,9 @@ def test_a_model_folder_carries_its_own_generation_settings(tiny, tmp_path, caps
     assert json.loads((tmp_path / "c" / "samples.json").read_text())["settings"]["guidance"] == 7.5
     assert not np.array_equal(png(tmp_path / "a" / "00001_seed0.png"), png(tmp_path / "c" / "00001_seed0.png"))
     for bad, named in (({"cfg": 2.0}, "'cfg'"), ({"sampler": "heun"}, "'heun'"), ({"steps": "many"}, "'many'"),
-                       ({"steps": 0}, "steps must be >= 1")):
-        (own / "ddspo_generation.json").write_text(json.dumps(bad))
+                       ({"steps": 0}, "steps must be >= 1"), ([5.0], "expected a JSON object"),
+                       ("{guidance: 5", "not valid JSON")):
+        (own / "ddspo_generation.json").write_text(bad if isinstance(bad, str) else json.dumps(bad))
         assert sample.main(["--model", str(own), "--out", str(tmp_path / "d"), *base]) == 2
         err = capsys.readouterr().err
         assert "ddspo_generation.json" in err and named in err, (bad, err)

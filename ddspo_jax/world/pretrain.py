@@ -66,7 +66,7 @@ class PretrainConfig:
     unet_channels: str = "32,64"  # the UNet's block_out_channels (the tiny builder's: 32,64)
     min_snr: float = 0.0      # > 0: Min-SNR-gamma loss weights min(SNR, gamma) / SNR (Hang et al. 2023)
     latent_scale: float = 0.0  # the VAE's scaling_factor; 0: 1 / std of its latents when trained here (LDM)
-    guidance: float = 5.0     # the CFG scale written to the folder's ddspo_generation.json (chosen, README)
+    guidance: float = 5.0     # the CFG scale written to the folder's ddspo_generation.json (docs/world)
 
 
 # The world model's generation settings (its folder's ddspo_generation.json): its own DDIM scheduler at 20 steps
