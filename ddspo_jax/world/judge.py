@@ -22,6 +22,7 @@ from ddspo_jax.world.scenes import BACKGROUND, PALETTE
 
 FG_DISTANCE = 0.4  # RGB distance from the background that makes a pixel foreground (palette: >= 0.8)
 MIN_AREA_FRAC = 0.004  # components smaller than this fraction of the image are noise
+MAX_EXTENT_FRAC = 0.5  # wider or taller than this fraction of the image: not an object (scenes.size_range: <= 0.28)
 POSITION_MARGIN = 0.05  # of the image size
 
 
@@ -71,6 +72,8 @@ def detect(image: np.ndarray) -> list[Detection]:
         area = int(comp.sum())
         if area < min_area:
             continue
+        if max(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start) > MAX_EXTENT_FRAC * max(h, w):
+            continue  # e.g. a frame drawn around the canvas (the world model makes a few): no shape of this world
         d = dist[sl][comp]  # the colour of its most saturated pixels (edges and thin parts blend with the ground)
         p = np.median(img[sl][comp][d >= np.quantile(d, 0.6)], axis=0) - bg
         # blur mixes an object's colour with the ground: p = a (c - bg); the palette colour whose line fits best
