@@ -4,8 +4,8 @@
   python -m ddspo_jax.world pretrain --out ddspo_jax/world/model     # the default recipe
 
 The shipped model (ddspo_jax/world/model) is this command with its defaults: VAE 800 steps (KL weight 1e-4),
-UNet 16000 steps, batch 16, 4000 training captions, seed 0 (about 10 + 84 minutes on 2 CPU cores). It was
-made in resumed pieces (8000 + 4000 + 4000 UNet steps); a resumed run equals a straight one bit for bit
+UNet 16000 steps, batch 16, 4000 training captions of all five forms, seed 0 (about 10 + 77 minutes on 2 CPU
+cores; its VAE phase was resumed once); a resumed run equals a straight one bit for bit
 (tests/test_world_pretrain.py). The folder also gets `ddspo_generation.json`: DDIM 20 steps and --guidance
 (5.0: chosen on training captions, docs/world/world_model.md), what every command then samples it with.
 
