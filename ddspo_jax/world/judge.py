@@ -6,9 +6,9 @@ except tiny ones (noise) and ones wider or taller than half the image (a frame t
 object of this world is that big), each with the palette colour nearest to the median of its inner pixels.
 Shape, from the object's soft coverage so that blur does not decide it: a hole makes a ring, a centroid below
 the middle of its extent a triangle, filled diagonal corners a square, else a circle. Position: centroids,
-GenEval's rule (the offset along the relation's axis beats a margin). A line is correct iff every include holds (at least `count` objects of the
-class, with the colour if given, on the given side of the include it names) and every exclude holds (fewer
-than `count` objects of the class) — GenEval's `evaluate_image`.
+GenEval's rule (the offset along the relation's axis beats a margin). A line is correct iff every include
+holds (at least `count` objects of the class, with the colour if given, on the given side of the include it
+names) and every exclude holds (fewer than `count` objects of the class) — GenEval's `evaluate_image`.
 """
 
 from __future__ import annotations

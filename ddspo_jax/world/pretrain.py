@@ -25,7 +25,7 @@ Options measured but off by default (docs/world/world_model.md): --ema (export a
 --unet-channels with --min-snr (a 4x wider UNet with Min-SNR-gamma weights, trained from scratch, did not score
 higher). What raised the score was training longer with the smoother latent space (--vae-kl 1e-4; 8000 UNet
 steps: 0.188 overall, 16000: 0.290 at CFG 7.5, 0.296 at CFG 5), then colourless captions (the fifth form,
-"plain": 0.289 -> 0.422 with four images per prompt).
+"plain": 0.268 -> 0.399 with four images per prompt).
 
 Deterministic (every batch is a pure function of (seed, phase, step)); each phase checkpoints with Orbax every
 `--checkpoint-every` steps and a re-run resumes; the result is an ordinary diffusers pipeline folder.

@@ -78,7 +78,7 @@ def training_set(n: int, seed: int = 0, forms: tuple[str, ...] = DEFAULT_FORMS) 
     held out. Without `plain` no caption is colourless, so every uncoloured template (single_object,
     two_object, counting, position) asks for a "no colour word" never seen: the four-form model drew one
     object for most of them (counting 0.062, two_object 0.125); trained from scratch with all five forms it
-    scores counting 0.562, two_object 0.583 and overall 0.422 vs 0.289 on the held-out set, at a cost in colour
+    scores counting 0.562, two_object 0.583 and overall 0.399 vs 0.268 on the held-out set, at a cost in colour
     binding (color_attr 0.070 -> 0.019; docs/world/world_model.md)."""
     unknown = set(forms) - set(FORMS)
     if unknown or not forms:
