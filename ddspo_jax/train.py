@@ -341,7 +341,7 @@ def train(cfg, *, log=print) -> dict:
                     acc = grad_fn(acc, state["params"], ref_params, mb, key, state["step"], jnp.int32(j))
                 if j + 1 < k:
                     jax.block_until_ready(acc)  # bounds the device queue: the next micro-batch is not put early
-            state, acc, metrics = update_fn(state, acc)
+            state, metrics = update_fn(state, acc)  # acc stays: the next first micro-batch overwrites it
             step_no += 1
             if step_no % cfg.train.log_every == 0 or step_no == cfg.train.steps:
                 metrics = jax.device_get(metrics)

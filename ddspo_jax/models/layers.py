@@ -309,15 +309,22 @@ def xla_attention(q, k, v, mask=None, is_causal: bool = False):
 
 
 def _attention_probs(q, k, keep):
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+    """softmax(q k^T) for a q already scaled by 1/sqrt(d): scaling the [.., T, D] query, not the [.., T, S]
+    logits, because XLA:CPU's library dot fusions take a scalar factor as a materialised [B, H, T, S] operand
+    (19 ms of the CPU benchmark's step; PyTorch's SDPA math path scales q and k the same way)."""
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
     if keep is not None:
         logits = jnp.where(keep, logits, -0.7 * float(jnp.finfo(jnp.float32).max))
     return jax.nn.softmax(logits, axis=-1)
 
 
+def _scaled(q):
+    return (q.astype(jnp.float32) * (q.shape[-1] ** -0.5)).astype(q.dtype)
+
+
 @jax.custom_vjp
 def _attention_hm(q, k, v, keep):
-    return jnp.einsum("bhqk,bhkd->bhqd", _attention_probs(q, k, keep).astype(v.dtype), v)
+    return jnp.einsum("bhqk,bhkd->bhqd", _attention_probs(_scaled(q), k, keep).astype(v.dtype), v)
 
 
 def _attention_hm_fwd(q, k, v, keep):
@@ -327,16 +334,17 @@ def _attention_hm_fwd(q, k, v, keep):
 
 def _attention_hm_bwd(res, d_out):
     q, k, v, keep, out = res
-    p = _attention_probs(q, k, keep)  # recomputed: the [B, H, T, S] matrix is never a residual
+    qs = _scaled(q)
+    p = _attention_probs(qs, k, keep)  # recomputed: the [B, H, T, S] matrix is never a residual
     # dV = P^T dO and dK = dS^T Q as (dO^T P)^T and (Q^T dS)^T: the transposes fall on the small [D, T]
     # operands, not on the [T, S] matrices (XLA:CPU's library dots take only untransposed left operands).
     t_ = lambda a: jnp.swapaxes(a, -1, -2)  # noqa: E731
     dv = t_(jnp.einsum("bhdq,bhqk->bhdk", t_(d_out.astype(v.dtype)), p.astype(v.dtype)))
     dp = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=jnp.float32)
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
-    ds = (p * (dp - delta) * (q.shape[-1] ** -0.5)).astype(q.dtype)
-    dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k)
-    dk = t_(jnp.einsum("bhdq,bhqk->bhdk", t_(q), ds))
+    ds = (p * (dp - delta)).astype(q.dtype)  # d logits; the 1/sqrt(d) goes on the small dq below
+    dq = _scaled(jnp.einsum("bhqk,bhkd->bhqd", ds, k, preferred_element_type=jnp.float32))
+    dk = t_(jnp.einsum("bhdq,bhqk->bhdk", t_(qs), ds))
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
