@@ -152,7 +152,11 @@ def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool, fr
 
 
 class GroupNorm(nn.Module):
-    """GroupNorm over [B, ..., C] in float32 (two-pass variance), output cast back to the input dtype."""
+    """GroupNorm over [B, ..., C] in float32 (two-pass variance), output cast back to the input dtype.
+
+    Statistics are per-channel sums over the spatial axes (a reduction along contiguous channels), then summed
+    within each group on the small [B, C] result: XLA:CPU reduces the [B, H, W, G, C/G] view over (H, W, C/G)
+    3-4x slower (fwd+bwd at [12, 16, 16, 128]: 1.6 -> 0.5 ms; GroupNorm was 1/8 of the CPU train step)."""
 
     num_groups: int
     epsilon: float
@@ -160,18 +164,21 @@ class GroupNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        c = x.shape[-1]
-        if c % self.num_groups:
-            raise ValueError(f"GroupNorm {self.name}: {c} channels are not divisible by {self.num_groups} groups")
+        c, g = x.shape[-1], self.num_groups
+        if c % g:
+            raise ValueError(f"GroupNorm {self.name}: {c} channels are not divisible by {g} groups")
         scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-        xf = x.astype(jnp.float32)
-        g = xf.reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
-        axes = tuple(range(1, g.ndim - 2)) + (g.ndim - 1,)
-        mean = g.mean(axis=axes, keepdims=True)
-        var = jnp.square(g - mean).mean(axis=axes, keepdims=True)
-        y = ((g - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+        xf = x.astype(jnp.float32).reshape(x.shape[0], -1, c)
+        n = xf.shape[1] * (c // g)
+
+        def group_mean(per_channel):  # [B, C] sums -> each channel's group mean, [B, 1, C]
+            b = per_channel.shape[0]
+            return jnp.repeat(per_channel.reshape(b, g, c // g).sum(-1) / n, c // g, axis=1)[:, None]
+
+        d = xf - group_mean(xf.sum(1))
+        a = jax.lax.rsqrt(group_mean(jnp.square(d).sum(1)) + self.epsilon) * scale.astype(jnp.float32)
+        return (d * a + bias.astype(jnp.float32)).reshape(x.shape).astype(x.dtype)
 
 
 class LayerNorm(nn.Module):
