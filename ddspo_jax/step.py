@@ -226,7 +226,7 @@ class TrainStep:
         self.acc_shape = {"grads": jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), params_shape),
                           "metrics": metric_shape}
         param_sh, ref_sh = parallel.tree_shardings(params_shape, mesh), parallel.tree_shardings(ref_shape, mesh)
-        self.grad = jax.jit(grads_fn, donate_argnums=(0,),
+        self.grad = jax.jit(grads_fn, donate_argnums=(0,), compiler_options=parallel.compiler_options(mesh),
                             in_shardings=(self.acc_shardings, param_sh, ref_sh, parallel.batch_sharding(mesh), rep,
                                           rep, rep),
                             out_shardings=self.acc_shardings)

@@ -16,13 +16,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddspo_jax.models.layers import attention
+from ddspo_jax.models.layers import attention, gelu
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 _ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP (SD-1.x)
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # OpenCLIP bigG (SDXL encoder 2)
+    "gelu": gelu,  # OpenCLIP bigG (SDXL encoder 2)
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
 }

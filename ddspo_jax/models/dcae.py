@@ -25,11 +25,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddspo_jax.models.layers import GLUMBConv, RMSNorm, conv, resize_nearest
+from ddspo_jax.models.layers import GLUMBConv, RMSNorm, conv, gelu, resize_nearest
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
-_ACT = {"silu": nn.silu, "relu": nn.relu, "relu6": jax.nn.relu6, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
+_ACT = {"silu": nn.silu, "relu": nn.relu, "relu6": jax.nn.relu6, "gelu": gelu}
 
 
 def _tuple(v, n):

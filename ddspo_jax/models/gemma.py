@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddspo_jax.models.layers import gelu
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -144,7 +146,7 @@ class Gemma2MLP(nn.Module):
         c = self.config
         dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,  # noqa: E731
                                          name=name)
-        act = (lambda y: jax.nn.gelu(y, approximate=False)) if c.hidden_activation == "gelu" else \
+        act = gelu if c.hidden_activation == "gelu" else \
             (lambda y: jax.nn.gelu(y, approximate=True))
         return dense(c.hidden_size, "down_proj")(act(dense(c.intermediate_size, "gate_proj")(x))
                                                  * dense(c.intermediate_size, "up_proj")(x))

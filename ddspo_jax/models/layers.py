@@ -137,6 +137,13 @@ def maybe_remat(module_cls, policy: str):
     return unit(module_cls, policy)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU, x * Phi(x), as 0.5 x (1 + erf(x / sqrt 2)) (PyTorch's form). jax.nn.gelu(approximate=False)
+    evaluates erfc(-x / sqrt 2), which XLA:CPU computes ~2x slower: the SD GEGLU feed-forward's forward at
+    [8, 256, 64] 2.40 -> 1.30 ms (PyTorch 1.36). Differs from the erfc form by < 1e-6 absolute."""
+    return 0.5 * x * (1 + jax.lax.erf(x * 0.7071067811865476))
+
+
 def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float,
                        max_period: float = 10000.0) -> jax.Array:
     """diffusers' `get_timestep_embedding` (scale 1), computed in float32. timesteps: [B] -> [B, dim]."""

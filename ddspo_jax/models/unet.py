@@ -20,7 +20,7 @@ from ddspo_jax.errors import ModelError
 from ddspo_jax.models.layers import (  # noqa: F401  (apply_sharded, in_unit: re-exported)
     ATTENTION_IMPLS, Downsample2D, GroupNorm, LayerNorm, ResnetBlock2D, TimestepEmbedding, Upsample2D, apply_sharded,
     in_unit,
-    attention, check_remat_policy, conv, timestep_embedding, unit,
+    attention, check_remat_policy, conv, gelu, timestep_embedding, unit,
 )
 
 Dtype = Any
@@ -264,7 +264,7 @@ class _GEGLU(nn.Module):
     def __call__(self, x):
         h = nn.Dense(2 * self.inner, dtype=self.opts.dtype, param_dtype=self.opts.param_dtype, name="proj")(x)
         h, gate = jnp.split(h, 2, axis=-1)
-        return h * nn.gelu(gate, approximate=False)
+        return h * gelu(gate)
 
 
 class BasicTransformerBlock(nn.Module):
