@@ -1,6 +1,6 @@
 """The train step: per micro-batch, one `jax.jit` around a `shard_map` over the ("data", "fsdp") mesh that
-adds the micro-batch's gradients into a donated fsdp-sharded float32 accumulator; per step, one jitted
-optimizer update on the sharded state.
+adds the micro-batch's gradients into a donated fsdp-sharded float32 accumulator (the first micro-batch of a
+step overwrites it); per step, one jitted optimizer update on the sharded state.
 
 Per device, inside the shard_map (DESIGN.md "The step, in one picture"):
   1. parameters stay fsdp shards: the trainable (float32 master weights) and the frozen reference
@@ -17,7 +17,7 @@ Micro-batches are separate calls of one compiled function (not a lax.scan): only
 global batch is on device at a time, and XLA:CPU's slow convolution layouts inside while loops are avoided
 (measured by benchmarks/train_step.py). The update runs outside the shard_map on the globally sharded arrays
 (Adafactor's factored statistics need whole matrices) and skips, on device, a step whose loss or gradient is
-not finite, counting it in the state (no host sync).
+not finite, counting it in the state (no host sync; a `lax.cond`, so XLA copies no state leaf).
 """
 
 from __future__ import annotations
