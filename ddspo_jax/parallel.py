@@ -7,6 +7,7 @@ and replicated over "data".
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -21,29 +22,29 @@ from ddspo_jax.errors import MeshError
 AXES = ("data", "fsdp")
 BATCH = P(AXES)  # leading (pair) axis split over all devices
 
-
 # XLA:CPU in jax 0.10 hands convolutions, dots and reductions to YNNPACK by default; for the UNet's 3x3
 # convolutions at training sizes XLA's own (Eigen) convolutions are faster: benchmarks/train_step.py's grad
 # call 322 -> 304 ms (one process, both compiled, alternated 20 times, 2 cores; 2026-12-05), isolated 3x3
 # conv fwd+bwd at [12, 16, 16, 128] -> 64 about 2x. Dots and reductions stay on YNNPACK (measured slower off).
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                         "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
-_cpu_options_ok: bool | None = None
+
+
+@functools.cache
+def _cpu_options_supported() -> bool:
+    try:
+        jax.jit(lambda x: x + 1).lower(np.float32(0)).compile(compiler_options=CPU_COMPILER_OPTIONS)
+        return True
+    except Exception:  # noqa: BLE001 - an XLA without the option: leave its defaults
+        return False
 
 
 def compiler_options(mesh: Mesh) -> dict | None:
     """Per-executable XLA options for the train step on this mesh's platform (CPU_COMPILER_OPTIONS on CPU,
     none elsewhere). A jax whose XLA lacks the option compiles without it rather than failing."""
-    global _cpu_options_ok
-    if mesh.devices.flat[0].platform != "cpu":
+    if mesh.devices.flat[0].platform != "cpu" or not _cpu_options_supported():
         return None
-    if _cpu_options_ok is None:
-        try:
-            jax.jit(lambda x: x + 1).lower(np.float32(0)).compile(compiler_options=CPU_COMPILER_OPTIONS)
-            _cpu_options_ok = True
-        except Exception:  # noqa: BLE001 - an XLA without the option: leave its defaults
-            _cpu_options_ok = False
-    return dict(CPU_COMPILER_OPTIONS) if _cpu_options_ok else None
+    return dict(CPU_COMPILER_OPTIONS)
 
 
 def maybe_initialize_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> bool:
