@@ -322,14 +322,19 @@ def xla_attention(q, k, v, mask=None, is_causal: bool = False):
     return jnp.swapaxes(_attention_hm(q, k, v, keep), 1, 2)
 
 
-def _attention_probs(q, k, keep):
-    """softmax(q k^T) for a q already scaled by 1/sqrt(d): scaling the [.., T, D] query, not the [.., T, S]
-    logits, because XLA:CPU's library dot fusions take a scalar factor as a materialised [B, H, T, S] operand
-    (19 ms of the CPU benchmark's step; PyTorch's SDPA math path scales q and k the same way)."""
+def _logits(q, k, keep):
+    """q k^T for a q already scaled by 1/sqrt(d), in float32, masked. Scaling the [.., T, D] query, not the
+    [.., T, S] logits, because XLA:CPU's library dot fusions take a scalar factor as a materialised
+    [B, H, T, S] operand (19 ms of the CPU benchmark's step; PyTorch's SDPA math path scales q the same way)."""
     logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
     if keep is not None:
         logits = jnp.where(keep, logits, -0.7 * float(jnp.finfo(jnp.float32).max))
-    return jax.nn.softmax(logits, axis=-1)
+    return logits
+
+
+def _attention_probs(q, k, keep):
+    """softmax(q k^T) for a scaled q (see _logits)."""
+    return jax.nn.softmax(_logits(q, k, keep), axis=-1)
 
 
 def _scaled(q):
@@ -338,7 +343,15 @@ def _scaled(q):
 
 @jax.custom_vjp
 def _attention_hm(q, k, v, keep):
-    return jnp.einsum("bhqk,bhkd->bhqd", _attention_probs(_scaled(q), k, keep).astype(v.dtype), v)
+    """softmax(q k^T / sqrt d) v, normalised after the second product: (exp(l - max l) v) / sum exp(l - max l).
+    The same value as normalising the probabilities first, but the row sums divide the small [.., T, D]
+    output instead of the [.., T, S] matrix, and XLA:CPU's YNNPACK then fuses dot -> max -> exp -> dot into
+    one kernel that never writes the score matrix: self-attention forward at [20, 256, 4, 16] 6.2 -> 3.1 ms
+    on 2 CPU cores (PyTorch's flash SDPA 4.0)."""
+    logits = _logits(_scaled(q), k, keep)
+    e = jnp.exp(logits - jnp.max(logits, -1, keepdims=True))
+    out = jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / jnp.sum(e, -1, keepdims=True)).astype(v.dtype)
 
 
 def _attention_hm_fwd(q, k, v, keep):
