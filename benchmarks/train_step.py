@@ -102,6 +102,13 @@ def bench_cfg(batch: int, micro: int, dtype: str = "float32", base=None):
     return validate(cfg)
 
 
+def minor_faults() -> int:
+    """The process's minor page faults so far (fresh pages the kernel had to zero and map)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def step_keys(key, n):
     """The keys the JAX step folds at steps 0..n-1 (step.py: fold_in(key, state['step']))."""
     return [jax.random.fold_in(key, i) for i in range(n)]
@@ -255,15 +262,17 @@ def cpu_compare(args) -> None:
         jax.block_until_ready((state, m))
         tstep.step(tbatch)
 
-    jt, tt = [], []
+    jt, tt, jf, tf = [], [], [], []
     for _ in range(args.steps):  # alternate, so background load hits both alike
-        t0 = time.perf_counter()
+        f0, t0 = minor_faults(), time.perf_counter()
         state, m = train_step(state, ref_params, micro_batches, key)
         jax.block_until_ready((state, m))
         jt.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        f1, t0 = minor_faults(), time.perf_counter()
         tstep.step(tbatch)
         tt.append(time.perf_counter() - t0)
+        jf.append(f1 - f0)
+        tf.append(minor_faults() - f1)
     assert train_step.grad._cache_size() == 1 and train_step.update._cache_size() == 1, "the JAX step recompiled"
 
     j_ms, t_ms = 1e3 * median(jt), 1e3 * median(tt)
@@ -275,6 +284,10 @@ def cpu_compare(args) -> None:
           f"({torch.get_num_threads()} threads); medians of {args.steps} alternating timed steps after "
           f"{max(args.warmup, 2)} warm-up steps; JAX first call (compile + 1 step) {first_call:.1f} s, "
           f"PyTorch first step {torch_first:.2f} s")
+    host = ("parallel.cpu_host_setup: synchronous CPU dispatch" + (", freed memory kept (mallopt)"
+            if parallel.keep_freed_memory() else "") if not args.host_default else
+            "host defaults (--host-default: asynchronous dispatch, glibc trims freed memory)")
+    print(f"process: {host}; minor page faults per step (median): JAX {median(jf):.0f}, PyTorch {median(tf):.0f}")
     rows = [["JAX (ddspo_jax.step)", f"{j_ms:.1f}", f"{min(jt) * 1e3:.1f}", f"{B / (j_ms / 1e3):.2f}",
              f"{jax_losses[0]:.6f}", f"{jax_losses[1]:.6f}"],
             ["PyTorch (diffusers DPO style)", f"{t_ms:.1f}", f"{min(tt) * 1e3:.1f}", f"{B / (t_ms / 1e3):.2f}",
@@ -472,7 +485,12 @@ def main(argv=None) -> None:
     ap.add_argument("--size", type=int, default=16, help="latent height = width for the CPU comparison")
     ap.add_argument("--gpu", action="store_true", help="SD-1.5 and SDXL with random weights on the accelerator")
     ap.add_argument("--cpu-smoke", action="store_true", help="run the --gpu code path on tiny configs on CPU")
+    ap.add_argument("--host-default", action="store_true",
+                    help="skip parallel.cpu_host_setup (JAX's asynchronous CPU dispatch, glibc's default "
+                         "trimming): the process as a plain script would run it")
     args = ap.parse_args(argv)
+    if not args.host_default:
+        parallel.cpu_host_setup()  # as the commands do: CPU calls on this thread, freed memory kept (both frameworks)
     if args.gpu or args.cpu_smoke:
         accel_run(args)
     else:

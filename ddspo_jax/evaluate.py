@@ -409,6 +409,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from ddspo_jax.errors import run_command
 
+    from ddspo_jax.parallel import cpu_host_setup
+
+    cpu_host_setup()
+
     return run_command(run, args)
 
 

@@ -393,6 +393,9 @@ def run_import_preferences(cfg, src: str, *, progress: bool = True) -> dict[str,
 
 
 def main(argv):
+    from ddspo_jax.parallel import cpu_host_setup
+
+    cpu_host_setup()  # before JAX starts its backends
     cfg = load_config_flag(_CONFIG.value) if _CONFIG.value is not None else _fail("--config is required")
     args = argv[1:]
     if args and args[0] in ("import-ddspo", "import-preferences"):

@@ -467,6 +467,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's per-save notices drown the progress bar
     logging.getLogger("jax").setLevel(logging.WARNING)  # backend probing notices
+    from ddspo_jax.parallel import cpu_host_setup
+
+    cpu_host_setup()  # before JAX starts its backends
     cfg = load_config_flag(_CONFIG.value)
     try:
         summary = train(cfg)

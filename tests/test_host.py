@@ -1,0 +1,51 @@
+"""The commands' CPU host setup (parallel.cpu_host_setup): a compiled call's large temporary buffer is reused
+by the next call instead of being page-faulted in again. Counted with the kernel's own minor-fault counter in
+fresh processes (the setting is process-wide and must precede JAX's backends)."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent("""
+    import json, resource, sys
+    import jax, jax.numpy as jnp
+    from ddspo_jax import parallel
+    if sys.argv[1] == "setup":
+        parallel.cpu_host_setup()
+    parallel.make_mesh()  # a CPU mesh: after cpu_host_setup this keeps freed memory
+    # ~128 MiB of float32 temporaries per call (sin and cos of a 64 MiB array), more than glibc's 32 MiB
+    # mmap threshold and its 64 MiB per-thread heaps
+    f = jax.jit(lambda x: jnp.sum(jnp.sin(x) * jnp.cos(x) + x, axis=0))
+    x = jnp.ones((4096, 4096), jnp.float32)
+    jax.block_until_ready(f(x))
+    faults = []
+    for _ in range(5):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        jax.block_until_ready(f(x))
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(json.dumps({"faults": faults, "kept": parallel.keep_freed_memory.cache_info().currsize > 0,
+                      "temp": f.lower(x).compile().memory_analysis().temp_size_in_bytes}))
+""")
+
+
+def _run(mode):
+    out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, timeout=300,
+                         env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt; other platforms are left alone")
+def test_cpu_host_setup_reuses_the_temporary_buffer():
+    plain, setup = _run("plain"), _run("setup")
+    pages = 4096
+    # control: without the setup every call maps its temporaries afresh (the counter sees them) ...
+    assert plain["temp"] > 64 * 2**20
+    assert not plain["kept"]
+    assert min(plain["faults"]) > 0.5 * plain["temp"] / pages, plain
+    # ... with it, later calls reuse them (the first calls after compiling settle the heap)
+    assert setup["kept"]
+    assert max(setup["faults"][2:]) < 0.02 * setup["temp"] / pages, setup
