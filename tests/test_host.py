@@ -47,8 +47,9 @@ def test_cpu_host_setup_reuses_the_temporary_buffer():
     assert plain["temp"] > 64 * 2**20
     assert not plain["kept"]
     assert min(plain["faults"]) > 0.5 * plain["temp"] / pages, plain
-    # ... with it, calls reuse them: most calls fault nothing; now and then the heap grows by one buffer when a
-    # small allocation has split the freed block (glibc, no compaction)
+    # ... with it, calls reuse them: at most a few calls fault a buffer's worth (the heap grows by one buffer
+    # when a small allocation has split the freed block; glibc does not compact), the rest only the few MiB the
+    # thread pools' own arenas trim and refault
     assert setup["kept"]
-    reused = [n < 0.02 * setup["temp"] / pages for n in setup["faults"]]
-    assert sum(reused) >= 7, setup
+    refaulted = [n > 0.5 * setup["temp"] / pages for n in setup["faults"]]
+    assert sum(refaulted) <= 4, setup  # (0-2 of 10 in 12 fresh runs; without the setup 10 of 10)
