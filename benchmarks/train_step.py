@@ -284,9 +284,11 @@ def cpu_compare(args) -> None:
           f"({torch.get_num_threads()} threads); medians of {args.steps} alternating timed steps after "
           f"{max(args.warmup, 2)} warm-up steps; JAX first call (compile + 1 step) {first_call:.1f} s, "
           f"PyTorch first step {torch_first:.2f} s")
-    host = ("parallel.cpu_host_setup: synchronous CPU dispatch" + (", freed memory kept (mallopt)"
-            if parallel.keep_freed_memory() else "") if not args.host_default else
-            "host defaults (--host-default: asynchronous dispatch, glibc trims freed memory)")
+    if args.host_default:
+        host = "host defaults (--host-default: asynchronous dispatch, glibc trims freed memory)"
+    else:
+        kept = parallel.keep_freed_memory()  # already applied by make_mesh; cached
+        host = "parallel.cpu_host_setup: synchronous CPU dispatch" + (", freed memory kept (mallopt)" if kept else "")
     print(f"process: {host}; minor page faults per step (median): JAX {median(jf):.0f}, PyTorch {median(tf):.0f}")
     rows = [["JAX (ddspo_jax.step)", f"{j_ms:.1f}", f"{min(jt) * 1e3:.1f}", f"{B / (j_ms / 1e3):.2f}",
              f"{jax_losses[0]:.6f}", f"{jax_losses[1]:.6f}"],

@@ -57,22 +57,19 @@ def compiler_options(mesh: Mesh) -> dict | None:
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 
-_HOST_SETUP = []  # set by cpu_host_setup: the process is a command that may tune the host
-
-
 def cpu_host_setup() -> None:
     """For a command about to compute (the CLIs call it first): run CPU computations on the calling thread, and
     once a mesh turns out to be on CPU, keep freed memory (`keep_freed_memory`). Must run before JAX starts
     its backends (later the dispatch setting changes nothing); on GPU/TPU runs it only concerns the idle CPU
     client. Library use (tests, notebooks) is left alone unless it calls this."""
     jax.config.update("jax_cpu_enable_async_dispatch", False)
-    _HOST_SETUP.append(True)
 
 
 @functools.cache
 def keep_freed_memory() -> bool:
     """On glibc: keep freed memory in the process (above), once per process; make_mesh calls it for a CPU
-    mesh after `cpu_host_setup`. Returns whether it applied (False off glibc)."""
+    mesh when CPU dispatch is synchronous (`cpu_host_setup`; with asynchronous dispatch it could not help).
+    Returns whether it applied (False off glibc)."""
     import ctypes
     import ctypes.util
 
@@ -141,7 +138,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
     if data * fsdp != n:
         raise MeshError(f"mesh data={data} x fsdp={fsdp} needs {data * fsdp} devices, but {n} are present")
     arr = np.asarray(devices).reshape(data, fsdp)
-    if _HOST_SETUP and arr.flat[0].platform == "cpu":
+    if arr.flat[0].platform == "cpu" and not jax.config.read("jax_cpu_enable_async_dispatch"):
         keep_freed_memory()
     return Mesh(arr, AXES)
 
