@@ -59,7 +59,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 def cpu_host_setup() -> None:
     """For a command about to compute (the CLIs call it first): run CPU computations on the calling thread, and
-    once a mesh turns out to be on CPU, keep freed memory (`keep_freed_memory`). Must run before JAX starts
+    once the platform turns out to be the CPU, keep freed memory (`cpu_compute_memory`). Must run before JAX starts
     its backends (later the dispatch setting changes nothing); on GPU/TPU runs it only concerns the idle CPU
     client. Library use (tests, notebooks) is left alone unless it calls this."""
     jax.config.update("jax_cpu_enable_async_dispatch", False)
@@ -67,8 +67,8 @@ def cpu_host_setup() -> None:
 
 @functools.cache
 def keep_freed_memory() -> bool:
-    """On glibc: keep freed memory in the process (above), once per process; make_mesh calls it for a CPU
-    mesh when CPU dispatch is synchronous (`cpu_host_setup`; with asynchronous dispatch it could not help).
+    """On glibc: keep freed memory in the process (above), once per process; `cpu_compute_memory` calls it
+    when CPU dispatch is synchronous (`cpu_host_setup`; with asynchronous dispatch it could not help).
     Returns whether it applied (False off glibc)."""
     import ctypes
     import ctypes.util
@@ -81,6 +81,15 @@ def keep_freed_memory() -> bool:
     ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
     logging.info("CPU host memory: freed blocks kept in the heap (mallopt: %s)", ok)
     return ok
+
+
+def cpu_compute_memory(platform: str) -> bool:
+    """Once the computing platform is known: `keep_freed_memory` when it is the CPU and CPU dispatch is
+    synchronous (`cpu_host_setup`). make_mesh calls it; so does a command that builds no mesh (world
+    pretrain). Returns whether freed memory is kept."""
+    if platform == "cpu" and not jax.config.read("jax_cpu_enable_async_dispatch"):
+        return keep_freed_memory()
+    return False
 
 
 def maybe_initialize_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> bool:
@@ -138,8 +147,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
     if data * fsdp != n:
         raise MeshError(f"mesh data={data} x fsdp={fsdp} needs {data * fsdp} devices, but {n} are present")
     arr = np.asarray(devices).reshape(data, fsdp)
-    if arr.flat[0].platform == "cpu" and not jax.config.read("jax_cpu_enable_async_dispatch"):
-        keep_freed_memory()
+    cpu_compute_memory(arr.flat[0].platform)
     return Mesh(arr, AXES)
 
 

@@ -13,9 +13,12 @@ SCRIPT = textwrap.dedent("""
     import json, resource, sys
     import jax, jax.numpy as jnp
     from ddspo_jax import parallel
-    if sys.argv[1] == "setup":
+    if sys.argv[1] != "plain":
         parallel.cpu_host_setup()
-    parallel.make_mesh()  # a CPU mesh: after cpu_host_setup this keeps freed memory
+    if sys.argv[1] == "platform":  # a command without a mesh (world pretrain) names its platform instead
+        parallel.cpu_compute_memory(jax.default_backend())
+    else:
+        parallel.make_mesh()  # a CPU mesh: after cpu_host_setup this keeps freed memory
     # ~128 MiB of float32 temporaries per call (sin and cos of a 64 MiB array), more than glibc's 32 MiB
     # mmap threshold and its 64 MiB per-thread heaps
     f = jax.jit(lambda x: jnp.sum(jnp.sin(x) * jnp.cos(x) + x, axis=0))
@@ -39,9 +42,15 @@ def _run(mode):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def plain():
+    return _run("plain")
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt; other platforms are left alone")
-def test_cpu_host_setup_reuses_the_temporary_buffer():
-    plain, setup = _run("plain"), _run("setup")
+@pytest.mark.parametrize("mode", ["setup", "platform"])
+def test_cpu_host_setup_reuses_the_temporary_buffer(plain, mode):
+    setup = _run(mode)
     pages = 4096
     # control: without the setup every call maps its temporaries afresh (the counter sees them) ...
     assert plain["temp"] > 64 * 2**20

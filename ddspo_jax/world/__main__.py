@@ -27,6 +27,9 @@ def main(argv=None) -> int:
     pretrain.add_arguments(q)
     args = ap.parse_args(argv)
     if args.cmd == "pretrain":
+        from ddspo_jax import parallel
+
+        parallel.cpu_host_setup()  # before JAX starts its backends, as the other commands
         pretrain.pretrain(pretrain.from_args(args))
         return 0
     from ddspo_jax.world import prompts

@@ -246,6 +246,9 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     from ddspo_jax.convert import export_unet, export_vae
     from ddspo_jax.convert.common import read_config
 
+    from ddspo_jax import parallel
+
+    parallel.cpu_compute_memory(jax.default_backend())  # no mesh here; on CPU after cpu_host_setup: keep freed memory
     out = Path(cfg.out)
     work = _work_dir(out, cfg, log)
     base = Path(cfg.init) if cfg.init else work / "base"  # --init: continue from an earlier world model
