@@ -245,7 +245,6 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     from ddspo_jax.config import base_config
     from ddspo_jax.convert import export_unet, export_vae
     from ddspo_jax.convert.common import read_config
-
     from ddspo_jax import parallel
 
     parallel.cpu_compute_memory(jax.default_backend())  # no mesh here; on CPU after cpu_host_setup: keep freed memory
