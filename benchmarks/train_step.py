@@ -287,7 +287,7 @@ def cpu_compare(args) -> None:
     if args.host_default:
         host = "host defaults (--host-default: asynchronous dispatch, glibc trims freed memory)"
     else:
-        kept = parallel.keep_freed_memory()  # already applied by make_mesh; cached
+        kept = parallel.cpu_compute_memory(jax.devices()[0].platform)  # make_mesh's rule (applied once, cached)
         host = "parallel.cpu_host_setup: synchronous CPU dispatch" + (", freed memory kept (mallopt)" if kept else "")
     print(f"process: {host}; minor page faults per step (median): JAX {median(jf):.0f}, PyTorch {median(tf):.0f}")
     rows = [["JAX (ddspo_jax.step)", f"{j_ms:.1f}", f"{min(jt) * 1e3:.1f}", f"{B / (j_ms / 1e3):.2f}",

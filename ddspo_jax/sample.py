@@ -154,11 +154,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from ddspo_jax.errors import run_command
-
     from ddspo_jax.parallel import cpu_host_setup
 
-    cpu_host_setup()
-
+    cpu_host_setup()  # before JAX starts its backends
     return run_command(run, args)
 
 
