@@ -204,8 +204,40 @@ def _flat(cfg, prefix=""):
             yield key, v
 
 
+# Numeric ranges: key -> (low, high, low inclusive); a value must be finite and in range. A negative lr is
+# gradient ascent, steps 0 trains nothing, checkpoint_every 0 divides by zero: stopped before any compute.
+_INF = float("inf")
+RANGES: dict[str, tuple[float, float, bool]] = {
+    "train.lr": (0.0, 1.0, False), "train.lr_per_pair": (0.0, 1.0, False), "train.beta": (0.0, _INF, False),
+    "train.dspo_weight": (0.0, _INF, True), "train.steps": (1, _INF, True), "train.warmup_steps": (0, _INF, True),
+    "train.batch_size": (1, _INF, True), "train.micro_batch_per_device": (0, _INF, True),
+    "train.max_skipped_steps": (1, _INF, True), "train.weight_decay": (0.0, _INF, True),
+    "train.adam_b1": (0.0, 1.0, True), "train.adam_b2": (0.0, 1.0, True), "train.adam_eps": (0.0, _INF, False),
+    "train.grad_clip": (0.0, _INF, True), "train.log_every": (1, _INF, True),
+    "train.checkpoint_every": (1, _INF, True), "train.keep_checkpoints": (1, _INF, True),
+    "train.eval_every": (0, _INF, True), "train.eval_limit": (0, _INF, True), "train.sample_every": (-1, _INF, True),
+    "data.prompt_limit": (0, _INF, True), "data.shard_size": (1, _INF, True), "data.rand_cond_lambda": (0.0, _INF, True),
+    "prepare.batch_size": (1, _INF, True), "prepare.steps": (0, _INF, True), "prepare.guidance": (0.0, _INF, True),
+    "prepare.resolution": (0, _INF, True), "model.lora_rank": (0, _INF, True), "model.lora_alpha": (0.0, _INF, True),
+    "seed": (0, _INF, True),
+}
+
+
+def _range_problem(key: str, value) -> str | None:
+    lo, hi, lo_in = RANGES[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    v = float(value)
+    if v != v or v in (_INF, -_INF):
+        return f"config key '{key}' is {value!r}; it must be a finite number"
+    if v < lo or (v == lo and not lo_in) or v > hi:
+        low = f"{'>=' if lo_in else '>'} {lo:g}"
+        return f"config key '{key}' is {value!r}; it must be {low}" + (f" and <= {hi:g}" if hi != _INF else "")
+    return None
+
+
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Rejects unknown keys, wrong types and values outside the allowed choices, naming the key."""
+    """Rejects unknown keys, wrong types, values outside the allowed choices or ranges, naming the key."""
     problems = []
     seen = set()
     for key, value in _flat(cfg):
@@ -230,6 +262,13 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             problems.append(f"config key '{key}' must be {want.__name__}, got {type(value).__name__} {value!r}")
         elif f.choices and value not in f.choices:
             problems.append(f"config key '{key}' is {value!r}; allowed: {', '.join(map(str, f.choices))}")
+        elif key in RANGES and _range_problem(key, value):
+            problems.append(_range_problem(key, value))
+    rr = cfg.get("data", {}).get("removal_range")
+    if isinstance(rr, (tuple, list)) and (len(rr) != 2 or not all(isinstance(x, (int, float)) for x in rr)
+                                          or not 0 <= rr[0] <= rr[1] <= 1):
+        problems.append(f"config key 'data.removal_range' is {tuple(rr)!r}; it must be (low, high) with "
+                        "0 <= low <= high <= 1")
     t = cfg.train
     if not problems and t.objective == "sft_pair" and cfg.model.lora_rank <= 0:
         problems.append("train.objective='sft_pair' trains two LoRA adapters: set model.lora_rank (the release: 4)")

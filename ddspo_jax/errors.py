@@ -40,7 +40,8 @@ def debug() -> bool:
 
 
 def run_command(fn, *args, **kwargs) -> int:
-    """A command's body -> its exit code: a user mistake prints one line and returns 2 (DDSPO_DEBUG=1 re-raises);
+    """A command's body -> its exit code: a user mistake prints one line and returns USER_ERROR_EXIT (2;
+    DDSPO_DEBUG=1 re-raises);
     anything else is a bug and keeps its traceback."""
     import sys
 
@@ -50,5 +51,34 @@ def run_command(fn, *args, **kwargs) -> int:
         if debug():
             raise
         print(one_line(e), file=sys.stderr)
-        return 2
+        return USER_ERROR_EXIT
     return 0
+
+
+USER_ERROR_EXIT = 2  # every command: a user mistake exits 2 (argparse's code for a usage error)
+
+
+class user_exits:
+    """`with user_exits():` around a command's body: a UserError, or a SystemExit carrying a message (config
+    loading, prepare's checks), prints one line and exits USER_ERROR_EXIT like `run_command`; with DDSPO_DEBUG=1
+    the traceback is printed first."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        import sys
+        import traceback
+
+        if e is None:
+            return False
+        if isinstance(e, UserError):
+            message = one_line(e)
+        elif isinstance(e, SystemExit) and isinstance(e.code, str):
+            message = e.code
+        else:
+            return False
+        if debug():
+            traceback.print_exception(kind, e, tb)
+        print(message, file=sys.stderr)
+        raise SystemExit(USER_ERROR_EXIT) from None

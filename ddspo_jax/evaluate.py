@@ -25,6 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ddspo_jax.files import write_text_atomic
+
 BOOTSTRAP = 2000
 
 
@@ -234,7 +236,7 @@ def labelled_grid(images: dict[str, np.ndarray], scores: dict[str, np.ndarray], 
 def run(args) -> dict:
     from ddspo_jax.data.prompts import load_prompts
     from ddspo_jax.errors import DataError
-    from ddspo_jax.sample import save_png
+    from ddspo_jax.sample import model_identity, save_png
     from ddspo_jax.scoring import make_scorer
 
     prompts, _ = load_prompts(args.prompts, field=args.field or None, limit=args.limit or None)
@@ -249,7 +251,9 @@ def run(args) -> dict:
     run_info = {"models": labels, "prompts": args.prompts, "seed": args.seed, "scorer": args.scorer,
                 "scorer_path": args.scorer_path, "images_per_prompt": args.images_per_prompt,
                 "steps": args.steps, "guidance": args.guidance, "sampler": args.sampler,
-                "resolution": args.resolution, "step": args.step}
+                "resolution": args.resolution, "step": args.step,
+                "identity": {name: model_identity(spec, args.step if name == "model" else None)
+                             for name, spec in models}}
     marker = out / "evaluate.json"
     if marker.is_file():  # resuming: the images on disk must be the ones these settings make
         old = json.loads(marker.read_text())
@@ -259,7 +263,7 @@ def run(args) -> dict:
             from ddspo_jax.errors import ConfigError
             raise ConfigError(f"{out} holds images made with other settings {changed} (old, new); pass another "
                               "--out or delete it")
-    marker.write_text(json.dumps(run_info, indent=1) + "\n")
+    write_text_atomic(marker, json.dumps(run_info, indent=1) + "\n")
     images = {name: generate_or_load(name, spec, prompts, out / name, args) for name, spec in models}
     scores = {name: score_all(scorer, images[name], prompts, args.batch) for name in images}
     prefer = None
@@ -288,7 +292,7 @@ def run(args) -> dict:
                     if prefer is not None and name == "model":
                         row["preference"] = float(prefer[i, k])
                     f.write(json.dumps(row) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     save_png(labelled_grid(images, scores, prompts, labels), out / "grid.png")
     print(table(summary, labels, scorer.unit))
     if "geneval" in summary:

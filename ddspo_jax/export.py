@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from ddspo_jax.errors import UserError
+from ddspo_jax.files import write_text_atomic
 
 
 class ExportError(UserError, RuntimeError):
@@ -118,9 +119,39 @@ def export_pair(run: Path, out: Path, step: int | None = None, log=print) -> Pat
         family = base_family(resolve_model_path(cfg["model"]["path"], cfg["model"].get("family", "")))
         for name, key in (("winning", "w"), ("losing", "l")):
             family.export_lora(params[key], lora_alpha(cfg), out / name / LORA_FILE)
+        write_text_atomic(out / EXPORT_MARK, json.dumps({"run": str(run.resolve()), "step": int(step)}) + "\n")
         log(f"exported the winning and losing adapters of step {step} of {run} to {out}/winning and {out}/losing "
             f"({LORA_FILE}, PEFT key names: pipeline.load_lora_weights reads them)")
     return out
+
+
+EXPORT_MARK = ".ddspo_export.json"  # written into every export: what --overwrite may replace
+
+
+def check_replaceable(out: Path, run: Path, overwrite: bool) -> None:
+    """`out` may be written: it is empty or absent, or --overwrite names a folder an export wrote (it carries
+    EXPORT_MARK, or is a pipeline folder made before the mark existed) that holds no run, no records and is
+    neither the run, a folder above it, nor the working directory or one above it. Nothing a user had is
+    removed by a typo in --out."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is an existing file, not a folder; choose a folder path")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise ExportError(f"output folder {out} is not empty; choose another or pass --overwrite")
+    o = out.resolve()
+    for what, p in (("the training run", run.resolve()), ("the working directory", Path.cwd().resolve())):
+        if o == p or o in p.parents:
+            raise ExportError(f"--out {out} is {what} or a folder above it; --overwrite replaces only a folder an "
+                              "export wrote: choose another --out")
+    marked = (out / EXPORT_MARK).is_file()
+    legacy = (out / "model_index.json").is_file()
+    held = next((p for pat in ("config.json", "manifest.json", "checkpoints") for p in out.rglob(pat)
+                 if pat != "config.json" or (p.parent / "checkpoints").is_dir()), None)
+    if held is not None or not (marked or legacy):
+        why = f"it holds {held}" if held is not None else f"it has no {EXPORT_MARK} (not written by export)"
+        raise ExportError(f"--overwrite refused for {out}: {why}; --overwrite replaces only a folder an export "
+                          "wrote: choose another --out")
 
 
 def export(run: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None, dtype: str = "fp32",
@@ -128,8 +159,7 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, step: int | None =
     import jax
 
     run, out = Path(run), Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"output folder {out} is not empty; choose another or pass --overwrite")
+    check_replaceable(out, run, overwrite)
     if run_config(run).get("train", {}).get("objective") == "sft_pair":
         return export_pair(run, out, step, log)
     raw, step, cfg = restore_checkpoint_params(run, step)  # every process of a multi-process run reads (the
@@ -158,6 +188,7 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, step: int | None =
                     shutil.copytree(item, dst)
                 else:
                     shutil.copy2(item, dst)
+        write_text_atomic(tmp / EXPORT_MARK, json.dumps({"run": str(run.resolve()), "step": int(step)}) + "\n")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

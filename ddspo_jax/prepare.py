@@ -24,6 +24,7 @@ Why it is shaped like this:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -126,9 +127,18 @@ def resolve_settings(cfg, bb) -> dict[str, Any]:
     }
 
 
+def prompts_digest(prompts) -> str:
+    """A short hash of the prompts' content (what a resumed prepare must find unchanged)."""
+    return hashlib.sha256(json.dumps(list(prompts), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def _check_settings(out: Path, settings: dict, write: bool) -> None:
     path = out / SETTINGS_FILE
     old = _read_json(path) if path.is_file() else None
+    if old is not None and "prompts_sha256" not in old:  # records made before the prompts' hash was recorded
+        settings = {k: v for k, v in settings.items() if k != "prompts_sha256"}
+    if old is not None and old != settings and not any(out.glob("*.array_record")):
+        old = None  # no shard was finished with the old settings (a run refused or killed early): nothing to protect
     if old is not None and old != settings:
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         _fail(f"{out} holds records made with other settings ({', '.join(f'{k}: {old.get(k)!r} -> {settings.get(k)!r}' for k in diff)}); "
@@ -213,7 +223,11 @@ def run_prepare(cfg, *, progress: bool = True) -> dict[str, Any]:
     settings = resolve_settings(cfg, bb)
     bb.set_resolution(settings["resolution"])  # e.g. SDXL's time ids follow the sampled size
     settings["num_prompts"] = len(prompts)
+    # The prompts' content, not just their file's path: editing the file between a killed run and its re-run
+    # would otherwise mix shards of old and new prompts.
+    settings["prompts_sha256"] = prompts_digest(prompts)
     pid, nproc = jax.process_index(), jax.process_count()
+    perturber = make_perturber(cfg, out)  # a bad strategy is refused before anything is written
     _check_settings(out, settings, write=pid == 0)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -230,7 +244,6 @@ def run_prepare(cfg, *, progress: bool = True) -> dict[str, Any]:
           f"{settings['sampler']} {settings['steps']} steps, guidance {settings['guidance']}, "
           f"{settings['resolution']}px{', efficient (positives only)' if settings['efficient'] else ''}", flush=True)
 
-    perturber = make_perturber(cfg, out)
     mesh = parallel.make_mesh(devices=jax.local_devices())
     gen = PairGenerator(bb, settings, mesh) if todo else None
     written, t_start = 0, time.perf_counter()
@@ -396,31 +409,21 @@ def main(argv):
     from ddspo_jax.parallel import cpu_host_setup
 
     cpu_host_setup()  # before JAX starts its backends
-    cfg = load_config_flag(_CONFIG.value) if _CONFIG.value is not None else _fail("--config is required")
-    args = argv[1:]
-    if args and args[0] in ("import-ddspo", "import-preferences"):
-        if len(args) != 2:
-            _fail(f"usage: python -m ddspo_jax.prepare {args[0]} <source> --config configs/<model>.py")
-        from ddspo_jax.errors import UserError, debug, one_line
+    from ddspo_jax.errors import user_exits
 
-        try:
+    with user_exits():  # a user mistake: one line (exit 2); anything else is a bug and keeps its traceback
+        cfg = load_config_flag(_CONFIG.value) if _CONFIG.value is not None else _fail("--config is required")
+        args = argv[1:]
+        if args and args[0] in ("import-ddspo", "import-preferences"):
+            if len(args) != 2:
+                _fail(f"usage: python -m ddspo_jax.prepare {args[0]} <source> --config configs/<model>.py")
             (run_import if args[0] == "import-ddspo" else run_import_preferences)(cfg, args[1])
-        except UserError as e:
-            if debug():
-                raise
-            raise SystemExit(one_line(e)) from None
-    elif args:
-        _fail(f"unknown arguments {args}; usage: python -m ddspo_jax.prepare --config configs/<model>.py "
-              "[import-ddspo <folder> | import-preferences <parquet file/folder or folder with preferences.jsonl>]")
-    else:
-        from ddspo_jax.errors import UserError, debug, one_line
-
-        try:
+        elif args:
+            _fail(f"unknown arguments {args}; usage: python -m ddspo_jax.prepare --config configs/<model>.py "
+                  "[import-ddspo <folder> | import-preferences <parquet file/folder or folder with "
+                  "preferences.jsonl>]")
+        else:
             run_prepare(cfg)
-        except UserError as e:  # a user mistake: one line; anything else is a bug and keeps its traceback
-            if debug():
-                raise
-            raise SystemExit(one_line(e)) from None
 
 
 if __name__ == "__main__":

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from ddspo_jax.files import write_text_atomic
 
 
 def is_run_folder(path: Path) -> bool:
@@ -75,8 +78,30 @@ def save_png(img: np.ndarray, path: Path) -> None:
 
     if img.dtype != np.uint8:
         img = np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
-    with path.open("wb") as f:  # pathlib or etils.epath (gs://) paths
-        Image.fromarray(img).save(f, format="PNG")
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        with tmp.open("wb") as f:  # pathlib or etils.epath (gs://) paths
+            Image.fromarray(img).save(f, format="PNG")
+        tmp.replace(path)  # a kill mid-write leaves a .tmp file, never a truncated PNG that a re-run would trust
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def model_identity(spec: str, step: int | None = None) -> dict:
+    """What generated a model's images: a run folder's resolved path and checkpoint step (the latest when
+    `step` is None), else the folder and the size / mtime of its weight files -- so a cache of images is
+    not trusted after the run trained on or the weights were replaced."""
+    path = Path(spec)
+    if is_run_folder(path):
+        from ddspo_jax.export import checkpoint_steps
+
+        return {"run": str(path.resolve()), "step": int(step if step is not None else checkpoint_steps(path)[-1])}
+    if not path.is_dir():
+        return {"model": spec}
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin", ".msgpack") and p.is_file())
+    return {"model": str(path.resolve()),
+            "weights": [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
 
 
 def run(args) -> dict:
@@ -117,8 +142,9 @@ def run(args) -> dict:
     summary = {"images": len(prompts), "out": str(out), "settings": settings}
     if args.compare:
         save_png(contact_sheet([images["model"], images["compare"]]), out / "compare.png")
-    (out / "samples.json").write_text(json.dumps({"model": args.model, "compare": args.compare, "seed": args.seed,
-                                                  "prompts": prompts, "settings": settings}, indent=1) + "\n")
+    write_text_atomic(out / "samples.json", json.dumps({"model": args.model, "compare": args.compare,
+                                                        "seed": args.seed, "prompts": prompts, "settings": settings},
+                                                       indent=1) + "\n")
     print(f"sample: {len(prompts)} images ({settings['sampler']}, {settings['steps']} steps, guidance "
           f"{settings['guidance']}, {settings['resolution']}px) in {out}"
           + (f"; side by side with {args.compare} in {out / 'compare.png'}" if args.compare else ""))

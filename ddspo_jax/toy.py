@@ -298,10 +298,13 @@ def _figure(tc, x_noisy, y_noisy, samples, labels, path):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    cfg = load_config_flag(_CONFIG.value)
-    if _QUICK.value:
-        cfg = quick(cfg)
-    run(cfg, Path(cfg.output_dir))
+    from ddspo_jax.errors import user_exits
+
+    with user_exits():
+        cfg = load_config_flag(_CONFIG.value)
+        if _QUICK.value:
+            cfg = quick(cfg)
+        run(cfg, Path(cfg.output_dir))
 
 
 if __name__ == "__main__":

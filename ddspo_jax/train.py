@@ -14,6 +14,7 @@ from __future__ import annotations
 
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -26,7 +27,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # clu's metric writers impor
 
 from absl import app  # noqa: E402
 
-from ddspo_jax.errors import ConfigError, UserError
+from ddspo_jax.errors import ConfigError, DataError, UserError
+from ddspo_jax.files import write_text_atomic
 from ddspo_jax.config import define_config_flag, load_config_flag
 
 from ddspo_jax.configs import path as _config_path  # noqa: E402
@@ -53,6 +55,74 @@ USER_ERRORS = (UserError,)
 def peak_flops(device) -> float | None:
     kind = getattr(device, "device_kind", "")
     return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+
+
+# Keys a resumed run may not change: they decide the train state's structure (model, LoRA, optimizer), what a
+# step computes (objective, schedule, targets) or which pairs the restored loader position points at. Any
+# other key (lr, steps, logging, evaluation, mesh, micro-batching) may change on resume; train says which did.
+RESUME_FIXED = ("seed", "model.", "schedule.", "train.objective", "train.cpp", "train.cpp_pair", "train.optimizer",
+                "train.batch_size", "train.share_noise", "data.records", "data.variant", "data.cond_mode",
+                "data.extra_records", "data.rand_cond", "data.shuffle_seed")
+
+
+def _flat_dict(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flat_dict(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def check_resume(out, cfg) -> list[str]:
+    """A run folder with checkpoints is resumed only by a config that keeps RESUME_FIXED: otherwise a ConfigError
+    naming the changed keys (before config.json or anything else is written). Returns the other changed keys
+    as 'key old -> new' for the log."""
+    if not (out / "config.json").exists() or not (out / "checkpoints").exists() or not any(
+            p.name.isdigit() for p in (out / "checkpoints").iterdir()):
+        return []
+    try:
+        old = dict(_flat_dict(json.loads((out / "config.json").read_text())))
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{out / 'config.json'} is unreadable ({e}); it holds the config of the checkpoints "
+                          "there: restore it or choose another output_dir") from None
+    new = dict(_flat_dict(json.loads(cfg.to_json_best_effort())))
+    changed = [k for k in sorted(set(old) | set(new)) if k != "output_dir" and old.get(k) != new.get(k)]
+    fixed = [k for k in changed if any(k == f or (f.endswith(".") and k.startswith(f)) for f in RESUME_FIXED)]
+    if fixed:
+        what = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in fixed[:6])
+        more = f" and {len(fixed) - 6} more" if len(fixed) > 6 else ""
+        raise ConfigError(f"{out} holds checkpoints of a run with other settings: {what}{more}; a resume keeps "
+                          "these keys (lr, steps, logging, evaluation and the mesh may change): use the run's "
+                          "values or another output_dir")
+    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
+
+
+def check_records(cfg, manifest, backbone) -> None:
+    """The records were made for this run's model: same family, same model folder, latents of its channels and
+    of the resolution the config trains at (prepare.resolution, else the model's own). Checked before anything
+    compiles: records of another model fine-tune silently or crash deep in Flax."""
+    import numpy as np
+
+    from ddspo_jax.data.loader import PairSource
+
+    where, s = cfg.data.records, manifest.get("settings", {})
+    fam = s.get("family")
+    if fam and fam != backbone.family:
+        raise DataError(f"{where}: records of a {fam!r} model, but model.path is a {backbone.family!r} model "
+                        f"({backbone.path}); prepare records with this model or set data.records to its records")
+    made_by = manifest.get("model") or s.get("model")
+    if made_by and Path(made_by).resolve() != Path(backbone.path).resolve():
+        raise DataError(f"{where}: records made by the model {made_by}, but model.path is {backbone.path}; "
+                        "prepare records with this model (or point data.records at its records)")
+    if not manifest.get("num_records"):
+        return
+    shape = tuple(np.shape(PairSource(where)[0]["x0_w"]))
+    res = cfg.prepare.resolution or backbone.default_resolution()
+    want = (res // backbone.vae_scale, res // backbone.vae_scale, backbone.latent_channels)
+    if shape != want:
+        raise DataError(f"{where}: latents of shape {list(shape)}, but this model at {res} px makes "
+                        f"{list(want)} (prepare.resolution={cfg.prepare.resolution or 'the model default'}); "
+                        "prepare records at this resolution or set prepare.resolution to theirs")
 
 
 def checkpoint_manager(out, cfg):
@@ -166,9 +236,12 @@ def train(cfg, *, log=print) -> dict:
         log = lambda *a, **k: None  # noqa: E731
     mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     out = epath.Path(cfg.output_dir)  # local or gs://: Orbax, TensorBoard and this code all write through it
+    accepted = check_resume(out, cfg)  # before anything is written: a refused resume leaves the run as it was
+    if accepted:
+        log("resuming with changed keys: " + ", ".join(accepted))
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
+        write_text_atomic(out / "config.json", cfg.to_json_best_effort(indent=2) + "\n")  # export reads it
 
     # ---------------------------------------------------------------------------------- model
     backbone = load_backbone(cfg.model, cfg.schedule, text=False, vae=False, log=log)
@@ -181,6 +254,7 @@ def train(cfg, *, log=print) -> dict:
 
         run_prepare(cfg, progress=main_process)
     manifest = read_manifest(cfg.data.records)  # clear error (with how to create it) when missing
+    check_records(cfg, manifest, backbone)
     n_proc = jax.process_count()
     k, micro = step_lib.micro_batching(cfg, mesh)
     if micro % n_proc:
@@ -299,8 +373,15 @@ def train(cfg, *, log=print) -> dict:
                 "holds a finite state. Lower train.lr or train.beta and resume.")
         return skipped
 
+    all_finite = jax.jit(lambda p: jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])))
+
     def save(step_no):
         check_finite(step_no)
+        if not bool(jax.device_get(all_finite(state["params"]))):  # finite loss and gradients, yet the update
+            raise TrainingDiverged(  # overflowed: never a checkpoint of non-finite weights
+                f"step {step_no} left non-finite weights (the update overflowed); they were not saved. The last "
+                f"checkpoint ({out / 'checkpoints'}, step {mngr.latest_step()}) holds a finite state. Lower "
+                "train.lr or train.beta and resume.")
         mngr.save(step_no, args=save_args(state, np.asarray(rng), loader.get_state()), force=True)
 
     grid = SampleGrid(cfg, backbone, mesh, out, writer, log) if cfg.train.sample_every >= 0 else None
@@ -470,15 +551,10 @@ def main(argv):
     from ddspo_jax.parallel import cpu_host_setup
 
     cpu_host_setup()  # before JAX starts its backends
-    cfg = load_config_flag(_CONFIG.value)
-    try:
-        summary = train(cfg)
-    except USER_ERRORS as e:  # a user mistake or a diverged run: one clear line (DDSPO_DEBUG=1 for the traceback)
-        from ddspo_jax.errors import debug, one_line
+    from ddspo_jax.errors import user_exits
 
-        if debug():
-            raise
-        raise SystemExit(one_line(e)) from None
+    with user_exits():  # a user mistake or a diverged run: one clear line (DDSPO_DEBUG=1 for the traceback)
+        summary = train(load_config_flag(_CONFIG.value))
     import jax
 
     if jax.process_index() != 0:

@@ -89,8 +89,8 @@ def test_export_pipeline_loads_in_diffusers(tmp_path, family):
     model, _ = load_unet(model_dir)
     torch_vs_jax(pipe.unet, expected[5], model, sdxl=family == "sdxl")  # latest step by default
     # every component, and not the tiny model's cache marker (an export is not the tiny model)
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in model_dir.iterdir()
-                                                           if p.name != "ddspo_tiny.json")
+    assert sorted(p.name for p in out.iterdir()) == sorted([ex.EXPORT_MARK] + [p.name for p in model_dir.iterdir()
+                                                                               if p.name != "ddspo_tiny.json"])
 
 
 def test_export_step_dtype_lora_unet_only(tmp_path):
@@ -118,8 +118,9 @@ def test_export_refuses_clearly(tmp_path, capsys):
     with pytest.raises(ex.ExportError, match="not empty"):
         ex.export(run, tmp_path / "full")
     assert (tmp_path / "full" / "x").read_text() == "keep me"
-    ex.export(run, tmp_path / "full", overwrite=True, log=lambda *_: None)
-    assert not (tmp_path / "full" / "x").exists()
+    with pytest.raises(ex.ExportError, match="not written by export"):  # --overwrite replaces only an export
+        ex.export(run, tmp_path / "full", overwrite=True, log=lambda *_: None)
+    assert (tmp_path / "full" / "x").read_text() == "keep me"
     empty = tmp_path / "emptyrun"
     empty.mkdir()
     (empty / "config.json").write_text(json.dumps(base_config().to_dict()))

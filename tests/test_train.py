@@ -38,7 +38,7 @@ def assets(tmp_path_factory):
                                      x0_w=rng.standard_normal((8, 8, 4)).astype(np.float32),
                                      x0_l=rng.standard_normal((8, 8, 4)).astype(np.float32)))
         shards.append(w.entry)
-    R.write_manifest(root / "records", shards=shards, kind="pairs", model="tiny-test")
+    R.write_manifest(root / "records", shards=shards, kind="pairs", model=str(root / "model"))
     return root
 
 
@@ -156,7 +156,7 @@ def test_sigterm_saves_before_exit(assets, tmp_path):
 
 def test_nan_stops_and_keeps_last_good_checkpoint(assets, tmp_path):
     out = tmp_path / "nan"
-    cfg = write_config(tmp_path / "d.py", assets, out, **{"train.lr": 1e30, "train.warmup_steps": 0,
+    cfg = write_config(tmp_path / "d.py", assets, out, **{"train.beta": 3e38, "train.warmup_steps": 0,
                                                            "train.grad_clip": 0.0, "train.steps": 8,
                                                            "train.checkpoint_every": 1})
     res = run_train(cfg)
@@ -169,6 +169,29 @@ def test_nan_stops_and_keeps_last_good_checkpoint(assets, tmp_path):
     import jax
     for step in saved:  # every checkpoint written, including those after the first bad step, is finite
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(final_params(out, step))), step
+
+
+def test_nonfinite_weights_are_never_saved(assets, tmp_path, monkeypatch):
+    """Fault injection: an update that overflows the weights while loss and gradients stay finite. The run
+    stops naming the last finite checkpoint and writes no checkpoint of the broken weights."""
+    import runpy
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from ddspo_jax import step as step_lib
+    from ddspo_jax import train
+    from ddspo_jax.config import validate
+
+    overflow = optax.GradientTransformation(lambda p: optax.EmptyState(),
+                                            lambda g, s, p=None: (jax.tree.map(lambda x: jnp.full_like(x, jnp.inf), g), s))
+    monkeypatch.setattr(step_lib, "make_optimizer", lambda cfg, lr: (overflow, lambda i: lr))
+    out = tmp_path / "overflow"
+    cfg = validate(runpy.run_path(str(write_config(tmp_path / "o.py", assets, out, **{"train.steps": 4})))["get_config"]())
+    with pytest.raises(train.TrainingDiverged, match="non-finite weights.*were not saved.*step None"):
+        train.train(cfg, log=lambda *a: None)
+    assert not any(p.name.isdigit() for p in (out / "checkpoints").iterdir())
 
 
 def test_missing_records_explains(assets, tmp_path):

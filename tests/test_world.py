@@ -113,8 +113,14 @@ def test_prompt_sets_are_geneval_format_held_out_and_shipped_as_generated(tmp_pa
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     from ddspo_jax.world.__main__ import PROMPT_DIR
-    for name in ("world_eval.jsonl", "world_train.jsonl"):
+    for name in ("world_eval.jsonl", "world_train.jsonl", "world_dev.jsonl"):
         assert (tmp_path / name).read_text() == (PROMPT_DIR / name).read_text(), name
+    shipped = {n: prompts.read_jsonl(PROMPT_DIR / f"world_{n}.jsonl") for n in ("eval", "train", "dev")}
+    sets = {n: {m["prompt"] for m in v} for n, v in shipped.items()}
+    assert len(sets["train"]) == 2000 and len(sets["dev"]) >= 150  # the dev split: disjoint from both files
+    assert not sets["dev"] & sets["train"] and not sets["dev"] & sets["eval"] and not sets["train"] & sets["eval"]
+    tags = [m["tag"] for m in shipped["dev"]]
+    assert set(tags) == set(prompts.FORMS) and max(map(tags.count, set(tags))) <= 40  # forms balanced
     assert json.loads((PROMPT_DIR / "world_eval.jsonl").read_text().splitlines()[0])["tag"] == "single_object"
 
 

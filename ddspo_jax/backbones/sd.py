@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ddspo_jax.backbones import Backbone
+from ddspo_jax.backbones.text import _default_resolution
 from ddspo_jax.tiny import FAKE_DIFFUSERS_VERSION
 
 
@@ -63,7 +64,9 @@ class SD1Backbone(Backbone):
         return 2 ** (len(blocks) - 1)
 
     def default_resolution(self) -> int:
-        return self.encoder.resolution if self.encoder is not None else super().default_resolution()
+        if self.encoder is not None:
+            return self.encoder.resolution
+        return _default_resolution(self.path, self.defaults["resolution"])
 
     def set_resolution(self, resolution: int) -> None:
         if self.encoder is not None:

@@ -1,8 +1,9 @@
 """python -m ddspo_jax.world prompts | pretrain: the scene world's prompt files and its pre-trained model.
 
-prompts [--out DIR] [--train N] [--seed S]:
+prompts [--out DIR] [--train N] [--dev M] [--seed S]:
 world_eval.jsonl  every GenEval-template prompt of the scene world (the held-out evaluation set)
-world_train.jsonl N compound captions for `prepare` (none of them an evaluation prompt)
+world_train.jsonl N training captions for `prepare` (none of them an evaluation prompt)
+world_dev.jsonl   M captions of the same five forms, balanced, in neither file: where choices are made
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ PROMPT_DIR = Path(__file__).resolve().parent.parent / "configs" / "prompts"
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ddspo_jax.world", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("prompts", help="write world_eval.jsonl and world_train.jsonl")
+    p = sub.add_parser("prompts", help="write world_eval.jsonl, world_train.jsonl and world_dev.jsonl")
     p.add_argument("--out", default=str(PROMPT_DIR), help="folder (default: the shipped prompt folder)")
-    p.add_argument("--train", type=int, default=1000, help="number of training captions")
+    p.add_argument("--train", type=int, default=2000, help="number of training captions")
+    p.add_argument("--dev", type=int, default=200, help="number of dev captions (the five forms balanced)")
     p.add_argument("--seed", type=int, default=0)
     from ddspo_jax.world import pretrain
 
@@ -36,11 +38,14 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ev, tr = prompts.geneval_set(), prompts.training_set(args.train, args.seed)
+    ev = prompts.geneval_set()
+    tr, dev = prompts.split_dev(prompts.training_set(args.train + args.dev, args.seed), args.dev, args.seed)
+    tr = tr[:args.train]
     prompts.write_jsonl(ev, out / "world_eval.jsonl")
     prompts.write_jsonl(tr, out / "world_train.jsonl")
+    prompts.write_jsonl(dev, out / "world_dev.jsonl")
     print(f"world prompts: {len(ev)} evaluation prompts in {out / 'world_eval.jsonl'}, {len(tr)} training captions "
-          f"in {out / 'world_train.jsonl'}")
+          f"in {out / 'world_train.jsonl'}, {len(dev)} dev captions in {out / 'world_dev.jsonl'}")
     return 0
 
 

@@ -125,6 +125,21 @@ def training_set(n: int, seed: int = 0, forms: tuple[str, ...] = DEFAULT_FORMS) 
     return out
 
 
+def split_dev(pool: list[dict], n_dev: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train, dev) of a pool of training captions: dev takes n_dev captions, the same number of each form (a
+    form with fewer gives what it has), drawn at random; train keeps the rest in the pool's order. The dev split
+    is where every choice of the DDSPO study is made (benchmarks/world_study.py), so that world_eval.jsonl is
+    scored only for the final tables; its forms are balanced so that no form's few prompts dominate it."""
+    rng = np.random.default_rng([seed, 1])
+    by_form: dict[str, list[int]] = {}
+    for i, m in enumerate(pool):
+        by_form.setdefault(m["tag"], []).append(i)
+    per = n_dev // max(len(by_form), 1)
+    dev_idx = sorted(int(i) for ix in by_form.values() for i in rng.permutation(ix)[:min(per, len(ix) // 2)])
+    chosen = set(dev_idx)
+    return [m for i, m in enumerate(pool) if i not in chosen], [pool[i] for i in dev_idx]
+
+
 def write_jsonl(lines: list[dict], path: str | os.PathLike) -> None:
     tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:

@@ -1,0 +1,213 @@
+"""Bad input and faults: nothing the user had is lost, nothing stale or half-written is trusted, and a mistake
+ends in one line naming the culprit. Each case is a hand-made situation a user can get into; the command's
+own result is compared with what must hold (folders hashed before and after)."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from ddspo_jax import export as ex
+from ddspo_jax import train
+from ddspo_jax.config import base_config, validate
+from ddspo_jax.errors import ConfigError, DataError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_export import fake_run  # noqa: E402
+from test_loader import make_dataset  # noqa: E402
+
+
+def tree_hash(folder: Path) -> str:
+    """Every file's relative path and bytes under `folder`."""
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(folder)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def run_cli(args, cwd=None):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env.pop("DDSPO_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300, cwd=cwd,
+                          env=env)
+
+
+def assert_one_line(res, *words):
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])  # the one exit code of a user mistake
+    msg = res.stderr[res.stderr.rfind("error:"):]
+    assert msg.startswith("error:") and len(msg.splitlines()) <= 4, res.stderr[-2000:]
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+# ---------------------------------------------------------------------------------------------- export
+@pytest.mark.parametrize("where", ["run", "above", "cwd"])
+def test_export_overwrite_never_removes_a_run(tmp_path, where):
+    run, _, _ = fake_run(tmp_path, "sd")
+    before = tree_hash(run)
+    out = {"run": run, "above": tmp_path, "cwd": Path(".")}[where]
+    res = run_cli(["ddspo_jax.export", "--run", str(run), "--out", str(out), "--overwrite"],
+                  cwd=tmp_path if where == "cwd" else None)
+    assert_one_line(res, "--overwrite" if where != "run" else "training run")
+    assert tree_hash(run) == before
+
+
+def test_export_overwrite_replaces_only_an_export(tmp_path):
+    run, _, _ = fake_run(tmp_path, "sd")
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    with pytest.raises(ex.ExportError, match="not written by export"):
+        ex.export(run, user, overwrite=True, log=lambda *_: None)
+    assert (user / "notes.txt").read_text() == "keep me"
+    out = tmp_path / "exported"
+    ex.export(run, out, step=3, log=lambda *_: None)
+    assert json.loads((out / ex.EXPORT_MARK).read_text())["step"] == 3
+    ex.export(run, out, overwrite=True, log=lambda *_: None)  # an export's own folder: replaced
+    assert json.loads((out / ex.EXPORT_MARK).read_text())["step"] == 5
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ex.ExportError, match="existing file"):
+        ex.export(run, tmp_path / "file", log=lambda *_: None)
+
+
+# -------------------------------------------------------------------------------------------- evaluate
+def test_evaluate_cache_identity_follows_the_checkpoint(tmp_path):
+    """The images' cache key names the run's step: after the run trains on, it differs (a stale cache of the
+    old step is not scored as the new model)."""
+    from ddspo_jax.sample import model_identity
+
+    run, model_dir, _ = fake_run(tmp_path, "sd", steps=(3, 5))
+    first = model_identity(str(run))
+    assert first["step"] == 5 and model_identity(str(run), 3)["step"] == 3
+    (tmp_path / "b").mkdir()
+    run2, _, _ = fake_run(tmp_path / "b", "sd", steps=(3, 5, 7))
+    assert model_identity(str(run2))["step"] == 7
+    a = model_identity(str(model_dir))
+    os.utime(next(model_dir.rglob("*.safetensors")), ns=(1, 1))
+    assert model_identity(str(model_dir)) != a  # replaced weights: another identity
+
+
+def test_png_writes_are_atomic(tmp_path, monkeypatch):
+    """A failure mid-write leaves no file under the final name (a re-run regenerates it)."""
+    from PIL import Image
+
+    from ddspo_jax.sample import save_png
+
+    def boom(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        save_png(np.zeros((4, 4, 3), np.float32), tmp_path / "a.png")
+    assert not (tmp_path / "a.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------- train
+def fake_backbone(tmp_path, family="sd", res=64, scale=4, ch=4):
+    return SimpleNamespace(family=family, path=tmp_path / "model", default_resolution=lambda: res, vae_scale=scale,
+                           latent_channels=ch)
+
+
+def records_for(folder, model, family="sd"):
+    m = make_dataset(str(folder), n=4, per_shard=4)  # latents [4, 4, 2]
+    m["model"] = str(model)
+    m["settings"] = {"family": family, "model": str(model)}
+    (folder / "manifest.json").write_text(json.dumps(m))
+    return m
+
+
+@pytest.mark.parametrize("case", ["family", "model", "shape", "ok"])
+def test_train_checks_records_against_the_model(tmp_path, case):
+    bb = fake_backbone(tmp_path, res=16, ch=2)  # 16 px / 4 -> [4, 4, 2] latents, as the records
+    cfg = base_config()
+    cfg.data.records = str(tmp_path / "rec")
+    m = records_for(tmp_path / "rec", tmp_path / ("other" if case == "model" else "model"),
+                    family="sana" if case == "family" else "sd")
+    if case == "shape":
+        bb.default_resolution = lambda: 32
+    if case == "ok":
+        train.check_records(cfg, m, bb)
+        return
+    with pytest.raises(DataError, match={"family": "'sana' model", "model": "records made by the model",
+                                         "shape": r"latents of shape \[4, 4, 2\]"}[case]):
+        train.check_records(cfg, m, bb)
+
+
+def fake_trained_run(tmp_path):
+    cfg = base_config()
+    cfg.output_dir = str(tmp_path / "run")
+    run = tmp_path / "run"
+    (run / "checkpoints" / "5").mkdir(parents=True)
+    (run / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+    return cfg, run
+
+
+def test_resume_refuses_structural_changes_before_writing(tmp_path):
+    cfg, run = fake_trained_run(tmp_path)
+    before = tree_hash(run)
+    c = cfg.copy_and_resolve_references()
+    c.model.lora_rank, c.train.objective = 4, "dpo"
+    with pytest.raises(ConfigError, match=r"model.lora_rank \(0 -> 4\).*train.objective \('ddspo' -> 'dpo'\)"):
+        train.check_resume(run, c)
+    assert tree_hash(run) == before
+    c = cfg.copy_and_resolve_references()
+    c.train.lr, c.train.steps = 1e-5, 200
+    changed = train.check_resume(run, c)
+    assert any(s.startswith("train.lr None -> 1e-05") for s in changed) and any("train.steps" in s for s in changed)
+    assert train.check_resume(tmp_path / "fresh", c) == []
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("train.lr", -1e-3, "must be > 0"), ("train.lr", float("nan"), "finite"), ("train.lr", 1e39, "<= 1"),
+    ("train.steps", 0, ">= 1"), ("train.steps", -5, ">= 1"), ("train.checkpoint_every", 0, ">= 1"),
+    ("data.prompt_limit", -3, ">= 0"), ("train.beta", 0.0, "> 0"), ("data.removal_range", (0.7, 0.4), "low <= high"),
+])
+def test_numbers_out_of_range_are_refused_naming_the_key(key, value, words):
+    cfg = base_config()
+    section, name = key.split(".")
+    setattr(getattr(cfg, section), name, value)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as e:
+        validate(cfg)
+    assert words in str(e.value)
+
+
+def test_train_cli_refuses_a_bad_number_in_one_line(tmp_path):
+    res = run_cli(["ddspo_jax.train", "--config", "configs/tiny.py", f"--config.output_dir={tmp_path / 'r'}",
+                   "--config.train.checkpoint_every=0"], cwd=Path(__file__).resolve().parents[1])
+    assert_one_line(res, "train.checkpoint_every")
+    assert not (tmp_path / "r").exists()
+
+
+# --------------------------------------------------------------------------------------------- prepare
+def test_prepare_settings_protect_only_finished_shards(tmp_path):
+    from ddspo_jax import prepare
+    from ddspo_jax.errors import UserError
+
+    out = tmp_path / "rec"
+    out.mkdir()
+    old = {"prompts_sha256": "aaaa", "shard_size": 4}
+    (out / prepare.SETTINGS_FILE).write_text(json.dumps(old))
+    new = dict(old, prompts_sha256="bbbb")  # the prompt file was edited
+    prepare._check_settings(out, new, write=True)  # no shard finished: the old settings protect nothing
+    assert json.loads((out / prepare.SETTINGS_FILE).read_text()) == new
+    (out / "pairs-00000-of-00002.array_record").write_bytes(b"x")
+    with pytest.raises((UserError, SystemExit), match="prompts_sha256"):
+        prepare._check_settings(out, old, write=True)
+    assert json.loads((out / prepare.SETTINGS_FILE).read_text()) == new
+
+
+def test_prompts_digest_follows_the_content():
+    from ddspo_jax import prepare
+
+    assert prepare.prompts_digest(["a red circle", "a square"]) != prepare.prompts_digest(["a red circle", "a ring"])
+    assert prepare.prompts_digest(["x"]) == prepare.prompts_digest(["x"])
