@@ -6,6 +6,7 @@ choice made on a dev split, the same tuning budget for every method, the report 
   python benchmarks/world_study.py final   # each method's best dev setting, --seeds seeds, world_eval.jsonl,
                                            # --ipp images per prompt, paired against the reference
   python benchmarks/world_study.py cfg     # the best DDSPO and DPO runs vs the reference at CFG 1/2/3/5 on dev
+  python benchmarks/world_study.py direction  # where each best run moved f(x_t, c): along CFG's direction?
 
 Pairs: `--steps x --batch` distinct training captions of world_train.jsonl (prepare once, under --work), so no
 pair is seen twice. Dev: world_dev.jsonl (`python -m ddspo_jax.world prompts`), disjoint from world_eval.jsonl
@@ -103,7 +104,8 @@ class Study:
         from ddspo_jax.scoring import make_scorer
 
         if path not in self._sets:
-            prompts, _ = load_prompts(path)
+            limit = self.args.dev_limit if path == self.dev_file else self.args.eval_limit
+            prompts, _ = load_prompts(path, limit=limit or None)
             scorer = make_scorer("shapes", None, prompts_path=path)
             self._sets[path] = (prompts, scorer, [scorer.tag(p) for p in prompts])
         return self._sets[path]
@@ -141,9 +143,15 @@ class Study:
                 **{t: r["accuracy"] for t, r in g["per_tag"].items()}}
 
     def config(self, overrides: dict, seed: int, name: str):
-        from objectives import with_overrides
+        """The study's config with one run's overrides ("section.key": value), seed and output folder."""
+        from ddspo_jax.config import validate
 
-        return with_overrides(self.cfg, overrides, seed, self.work / "runs" / name)
+        c = self.cfg.copy_and_resolve_references()
+        for key, value in overrides.items():
+            section, key_name = key.split(".")
+            setattr(getattr(c, section), key_name, value)
+        c.seed, c.output_dir = seed, str(self.work / "runs" / name)
+        return validate(c)
 
     def train(self, overrides, seed, name) -> tuple[dict, dict]:
         from ddspo_jax import train
@@ -182,16 +190,16 @@ def moved(params, ref) -> float:
     return (num / sum(float(np.sum(np.asarray(b, np.float64) ** 2)) for b in jax.tree.leaves(ref))) ** 0.5
 
 
-def sweep_points(label, beta0, rows):
+def sweep_points(label, beta0, rows, lrs=LRS, factors="0.5,2"):
     """This method's coordinate sweep given the rows done so far: lr at the paper beta, then beta x1/2, x2 at
     the best lr (on dev per-prompt accuracy)."""
-    lrs = [float(x) for x in LRS.split(",")]
+    lrs = [float(x) for x in lrs.split(",")]
     pts = [(lr, beta0) for lr in lrs]
     done = [r for r in rows if r["method"] == label]
     first = [r for r in done if float(r["beta"] or 0) == (beta0 or 0)]
     if beta0 is not None and len(first) >= len(lrs):
         best = max(first, key=lambda r: float(r["dev_per_prompt"]))
-        pts += [(float(best["lr"]), beta0 * f) for f in (0.5, 2.0)]
+        pts += [(float(best["lr"]), beta0 * float(f)) for f in factors.split(",") if f]
     return pts
 
 
@@ -238,11 +246,12 @@ def cmd_diag(st: Study, args):
 
 def cmd_sweep(st: Study, args):
     path = st.out / "sweep.csv"
-    for label, overrides, beta0 in METHODS:
+    for label, overrides, beta0 in methods(args):
         while True:
             rows = read_rows(path)
             done = {(r["method"], float(r["lr"]), float(r["beta"] or 0)) for r in rows}
-            todo = [p for p in sweep_points(label, beta0, rows) if (label, p[0], p[1] or 0) not in done]
+            todo = [p for p in sweep_points(label, beta0, rows, args.lrs, args.beta_factors)
+                    if (label, p[0], p[1] or 0) not in done]
             if not todo:
                 break
             lr, beta = todo[0]
@@ -258,6 +267,14 @@ def cmd_sweep(st: Study, args):
                   f"{row['dev_overall']:.3f} dev acc {row['dev_acc']:.2f} ({row['seconds']:.0f}s)", flush=True)
 
 
+def methods(args):
+    names = [m.strip() for m in args.methods.split(",")] if args.methods else [m for m, _, _ in METHODS]
+    unknown = set(names) - {m for m, _, _ in METHODS}
+    if unknown:
+        raise SystemExit(f"--methods: unknown {sorted(unknown)}; known: {', '.join(m for m, _, _ in METHODS)}")
+    return [m for m in METHODS if m[0] in names]
+
+
 def best_settings(out: Path) -> dict:
     rows = read_rows(out / "sweep.csv")
     best = {}
@@ -271,24 +288,31 @@ def best_settings(out: Path) -> dict:
 
 def cmd_final(st: Study, args):
     path = st.out / "final.csv"
-    rows = read_rows(path)
-    done = {(r["method"], r["seed"]) for r in rows}
-    ref_v = {}
-    for seed in range(args.seeds):  # the reference under each sampling seed: its own noise floor
-        ref_v[seed] = st.verdicts(st.bb.params, st.eval_file, args.ipp, None, seed)
-        np.save(st.work / f"final-ref-s{seed}.npy", ref_v[seed])
+    done = {(r["method"], r["seed"]) for r in read_rows(path)}
+
+    def verdicts(name, params, seed):  # cached beside the runs: a resumed study regenerates nothing
+        f = st.work / f"final-{name.replace(' ', '_')}-s{seed}-ipp{args.ipp}-n{args.eval_limit}.npy"  # its settings
+        if not f.is_file():
+            np.save(f, st.verdicts(params, st.eval_file, args.ipp, None, seed))
+        return np.load(f)
+
+    ref_v = {s: verdicts("Reference", st.bb.params, s) for s in range(args.seeds)}  # one per sampling seed
+    for seed in range(args.seeds):  # the reference against itself under other seeds: the noise floor
         if ("Reference", str(seed)) not in done:
             append_row(path, _final_row("Reference", {}, seed, ref_v[seed], ref_v[0] if seed else None, st))
     best = best_settings(st.out)
-    for seed in range(args.seeds):
-        for label, _, _ in METHODS:
-            if label not in best or (label, str(seed)) in done:
-                continue
-            params, tr = st.train(best[label], seed, f"final-{label.replace(' ', '_')}-s{seed}")
-            v = st.verdicts(params, st.eval_file, args.ipp, None, seed)
-            np.save(st.work / f"final-{label.replace(' ', '_')}-s{seed}.npy", v)
-            append_row(path, _final_row(label, best[label], seed, v, ref_v[seed], st, tr))
-            print(f"final {label} seed {seed} done", flush=True)
+    # The claim's three first (every seed), then the rest seed by seed: a study cut short still reports the
+    # methods the claim compares with all their seeds.
+    key = [m for m, _, _ in METHODS[:3]]
+    order = [(m, s) for m in key for s in range(args.seeds)]
+    order += [(m, s) for s in range(args.seeds) for m, _, _ in METHODS[3:]]
+    for label, seed in order:
+        if label not in best or (label, str(seed)) in done:
+            continue
+        params, tr = st.train(best[label], seed, f"final-{label.replace(' ', '_')}-s{seed}")
+        v = verdicts(label, params, seed)
+        append_row(path, _final_row(label, best[label], seed, v, ref_v[seed], st, tr))
+        print(f"final {label} seed {seed} done", flush=True)
 
 
 def _final_row(label, overrides, seed, v, ref, st, tr=None) -> dict:
@@ -330,9 +354,103 @@ def cmd_cfg(st: Study, args):
             print(f"cfg {label} {g}: {s}", flush=True)
 
 
+def cmd_direction(st: Study, args):
+    """Where each method's best dev run moved the prediction f(x_t, c), on the dev pairs' winners: the change
+    delta = f_theta - f_ref against the reference's guidance direction g = f_ref(c) - f_ref(empty) and its
+    contrast direction h = f_ref(c) - f_ref(c-), per t. k = <delta, g> / |g|^2 is the extra CFG scale the
+    change amounts to along g (DDSPO's loss pushes f_theta(x^l, c) away from f_ref(x^l, c-), i.e. along h)."""
+    import jax
+    import jax.numpy as jnp
+
+    from ddspo_jax.data.loader import PairLoader
+    from ddspo_jax.export import restore_trained_params
+
+    with PairLoader(st.work / "dev_records", batch_size=args.dev_pairs, shuffle=False, num_epochs=1,
+                    dtype="float32") as loader:
+        b = next(loader)
+    rows, sch = [], st.bb.schedule
+    best = best_settings(st.out)
+    sweep = {r["method"]: r for r in read_rows(st.out / "sweep.csv")}
+    for label in best:
+        o = best[label]
+        name = f"sweep-{label.replace(' ', '_')}-lr{o['train.lr']:g}-b{o.get('train.beta', 0):g}"
+        run = st.work / "runs" / name
+        if not run.is_dir() or label not in sweep:
+            continue
+        params = restore_trained_params(run)[0]
+        for t in [100, 300, 500, 700, 900]:
+            noise = jax.random.normal(jax.random.key(t), b["x0_w"].shape)
+            tt = jnp.full((len(noise),), t, jnp.int32)
+            x, tm = sch.add_noise(jnp.asarray(b["x0_w"]), noise, tt), sch.model_timestep(tt)
+            uncond = {k: np.repeat(v, len(noise), 0) for k, v in st.bb.negative_cond(1).items()}
+            fc, fn, fu = (st.bb.denoise(st.bb.params, x, tm, cond) for cond in (b["cond_w"], b["cond_l"], uncond))
+            delta = st.bb.denoise(params, x, tm, b["cond_w"]) - fc
+            g, h = fc - fu, fc - fn
+            flat = lambda a: np.asarray(a, np.float64).reshape(len(a), -1)  # noqa: E731
+            d_, g_, h_ = flat(delta), flat(g), flat(h)
+            cos = lambda a, c: float(np.mean(np.sum(a * c, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(c, axis=1) + 1e-20)))  # noqa: E731
+            rows.append({"method": label, "t": t, "rel_change": float(np.linalg.norm(d_) / np.linalg.norm(flat(fc))),
+                         "cos_guidance": cos(d_, g_), "cos_contrast": cos(d_, h_),
+                         "extra_cfg": float(np.sum(d_ * g_) / np.sum(g_ * g_))})
+            print(rows[-1], flush=True)
+    with open(st.out / "study_direction.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def cmd_report(out: Path, seeds: int) -> str:
+    """The study's tables (markdown) from the CSVs, and study.png: per method mean +- std over seeds of the
+    held-out overall and per-prompt accuracy, the paired differences from the reference, and the noise floor.
+    Needs no model: `python benchmarks/world_study.py report`."""
+    lines = []
+    final = read_rows(out / "final.csv")
+    tags = [k for k in (final[0] if final else {}) if k not in ("method", "seed", "lr", "beta", "overall", "per_prompt",
+                                                                  "train_loss", "train_acc")
+            and not k.startswith("paired")]
+    methods = list(dict.fromkeys(r["method"] for r in final))
+    ms = lambda v: f"{np.mean(v):.3f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.3f}"  # noqa: E731
+    lines.append("| method | lr | β | seeds | overall | per-prompt | paired overall [95 %] per seed | paired per-prompt "
+                 "(mean over seeds) | " + " | ".join(tags) + " |")
+    lines.append("|---|---|---|---|---|---|---|---|" + "---|" * len(tags))
+    for m in methods:
+        rs = [r for r in final if r["method"] == m]
+        f = lambda k: [float(r[k]) for r in rs if r[k] != ""]  # noqa: E731
+        paired = "; ".join(f"{float(r['paired_overall']):+.3f} [{float(r['paired_overall_lo']):+.3f}, "
+                           f"{float(r['paired_overall_hi']):+.3f}]" for r in rs if r["paired_overall"])
+        pp = f(("paired_per_prompt"))
+        lines.append(f"| {m} | {rs[0]['lr'] or '—'} | {rs[0]['beta'] or '—'} | {len(rs)} | {ms(f('overall'))} | "
+                     f"{ms(f('per_prompt'))} | {paired or '(reference seeds vs seed 0)'} | "
+                     f"{(f'{np.mean(pp):+.4f}' if pp else '—')} | " + " | ".join(ms(f(t)) for t in tags) + " |")
+    text = "\n".join(lines)
+    if final:
+        _study_figure(final, methods, out / "study.png")
+    return text
+
+
+def _study_figure(rows, methods, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, key, title in ((axes[0], "overall", "held-out GenEval overall"),
+                           (axes[1], "per_prompt", "held-out per-prompt accuracy")):
+        for j, m in enumerate(methods):
+            v = [float(r[key]) for r in rows if r["method"] == m]
+            ax.scatter([j] * len(v), v, s=14, color="C0" if m == "Reference" else "C1")
+            ax.errorbar(j + 0.15, np.mean(v), yerr=np.std(v, ddof=1) if len(v) > 1 else 0, fmt="o", color="k", ms=4)
+        ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=7)
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("cmd", choices=("diag", "sweep", "final", "cfg"))
+    ap.add_argument("cmd", choices=("diag", "sweep", "final", "cfg", "direction", "report"))
     ap.add_argument("--out", default="docs/world")
     ap.add_argument("--work", default="runs/study")
     ap.add_argument("--steps", type=int, default=40)
@@ -341,10 +459,19 @@ def main(argv=None) -> int:
     ap.add_argument("--dev-ipp", type=int, default=1, help="images per dev prompt")
     ap.add_argument("--ipp", type=int, default=4, help="images per held-out prompt in the final table")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--methods", default="", help="comma-separated subset of the methods (default: all)")
+    ap.add_argument("--lrs", default=LRS, help="the sweep's lr grid")
+    ap.add_argument("--beta-factors", default="0.5,2", help="beta multiples tried at each method's best lr")
+    ap.add_argument("--dev-limit", type=int, default=0, help="score only the first N dev prompts (0: all)")
+    ap.add_argument("--eval-limit", type=int, default=0, help="score only the first N held-out prompts (0: all)")
     args = ap.parse_args(argv)
+    if args.cmd == "report":  # tables and figure from the CSVs only
+        print(cmd_report(Path(args.out), args.seeds))
+        return 0
     st = Study(args)
     print(f"prepare: {args.steps * args.batch} pairs in {st.prepare_s:.0f}s", flush=True)
-    {"diag": cmd_diag, "sweep": cmd_sweep, "final": cmd_final, "cfg": cmd_cfg}[args.cmd](st, args)
+    {"diag": cmd_diag, "sweep": cmd_sweep, "final": cmd_final, "cfg": cmd_cfg,
+     "direction": cmd_direction}[args.cmd](st, args)
     return 0
 
 

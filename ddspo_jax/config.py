@@ -219,7 +219,8 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "data.prompt_limit": (0, _INF, True), "data.shard_size": (1, _INF, True), "data.rand_cond_lambda": (0.0, _INF, True),
     "prepare.batch_size": (1, _INF, True), "prepare.steps": (0, _INF, True), "prepare.guidance": (0.0, _INF, True),
     "prepare.resolution": (0, _INF, True), "model.lora_rank": (0, _INF, True), "model.lora_alpha": (0.0, _INF, True),
-    "seed": (0, _INF, True),
+    "seed": (0, _INF, True), "toy.n_modes": (1, _INF, True), "toy.seeds": (1, _INF, True),
+    "toy.ft_steps": (1, _INF, True), "toy.ref_steps": (1, _INF, True), "toy.eval_samples": (1, _INF, True),
 }
 
 
@@ -281,6 +282,11 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         problems.append(f"config key 'data.rand_cond' is {cfg.data.rand_cond!r}, but it swaps c and c- for the "
                         f"CPP targets, which train.objective={cfg.train.objective!r} does not use: set it to 'none' "
                         "or use ddspo / dspo_cpp")
+    toy = cfg.get("toy", {})
+    bad_methods = [m for m in toy.get("methods", ()) if m not in OBJECTIVES or m == "sft_pair"]
+    if bad_methods:
+        problems.append(f"config key 'toy.methods' names {bad_methods}; allowed: "
+                        f"{', '.join(o for o in OBJECTIVES if o != 'sft_pair')}")
     missing = sorted(set(SCHEMA) - seen)
     if missing:
         problems.append("missing config keys (start from ddspo_jax.config.base_config()): " + ", ".join(missing))
@@ -324,8 +330,63 @@ def check_override_keys(argv: list[str], flag: str = "config") -> None:
                 close = [k for k in SCHEMA if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
                 bad.append(f"unknown config key '{key}'" + (f" (did you mean {', '.join(close)}?)" if close else ""))
     if bad:
-        raise SystemExit("error: " + "; ".join(bad) + "\nThe keys: python -c 'import ddspo_jax.config as c; "
-                         "print(c.describe())'")
+        _user_exit("; ".join(bad) + "\nThe keys: python -c 'import ddspo_jax.config as c; print(c.describe())'")
+
+
+def _user_exit(message: str):
+    import sys
+
+    from ddspo_jax.errors import USER_ERROR_EXIT
+
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(USER_ERROR_EXIT)
+
+
+def check_config_file(argv: list[str], flag: str = "config") -> None:
+    """Loads `--config FILE[:variant]` once before absl does, so that a missing file, a syntax error, a file
+    without get_config(), an unknown variant or a config missing keys ends in one line naming the file (absl's
+    loader raises these with a traceback while it parses flags)."""
+    import importlib.util
+    import traceback
+
+    value = None
+    for i, arg in enumerate(argv[1:], 1):
+        if arg == f"--{flag}" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(f"--{flag}="):
+            value = arg.split("=", 1)[1]
+    if not value:
+        return
+    path, _, variant = value.partition(":")
+    import os
+
+    if not os.path.isfile(path):
+        _user_exit(f"config file {path} not found")
+    try:
+        spec = importlib.util.spec_from_file_location("_ddspo_config_check", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        _user_exit(f"config file {path}: syntax error at line {e.lineno}: {e.msg}")
+    except Exception as e:  # noqa: BLE001  (the user's file: any failure is theirs, named in one line)
+        _user_exit(f"config file {path} fails to load: {type(e).__name__}: {e}")
+    if not callable(getattr(module, "get_config", None)):
+        _user_exit(f"config file {path} has no get_config() function (start from configs/tiny.py)")
+    try:
+        cfg = module.get_config(*([variant] if variant else []))
+    except ConfigError as e:
+        _user_exit(f"config file {path}: {e}")
+    except Exception as e:  # noqa: BLE001
+        if os.environ.get("DDSPO_DEBUG"):
+            traceback.print_exc()
+        _user_exit(f"config file {path}: get_config({variant!r}) failed: {type(e).__name__}: {e}" if variant else
+                   f"config file {path}: get_config() failed: {type(e).__name__}: {e}")
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        _user_exit(f"config file {path}: get_config() returned {type(cfg).__name__}, not a ConfigDict")
+    missing = sorted(set(SCHEMA) - {k for k, _ in _flat(cfg)})
+    if missing:
+        _user_exit(f"config file {path} lacks {len(missing)} keys ({', '.join(missing[:4])}"
+                   f"{', ...' if len(missing) > 4 else ''}): start from ddspo_jax.config.base_config()")
 
 
 def define_config_flag(default: str, help: str = "Config file whose get_config() returns the run's ConfigDict."):
@@ -341,6 +402,7 @@ def define_config_flag(default: str, help: str = "Config file whose get_config()
     if "config" in flags.FLAGS:  # another command's module was imported first (as a library): share its flag
         return _SharedConfigFlag()
     check_override_keys(sys.argv)
+    check_config_file(sys.argv)
     return config_flags.DEFINE_config_file("config", default, help, lock_config=True)
 
 

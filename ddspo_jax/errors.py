@@ -75,7 +75,7 @@ class user_exits:
         if isinstance(e, UserError):
             message = one_line(e)
         elif isinstance(e, SystemExit) and isinstance(e.code, str):
-            message = e.code
+            message = e.code if e.code.startswith("error:") else f"error: {e.code}"
         else:
             return False
         if debug():

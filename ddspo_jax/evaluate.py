@@ -356,6 +356,22 @@ class TrainingEval:
                         [self.scorer.tag(q) for q in self.prompts])
         return tag_table(s, {"fine-tuned": "fine-tuned", "reference": "reference"})
 
+    def summary(self, step_no: int) -> dict | None:
+        """The last evaluation beside the reference in `evaluate`'s summary.json format (its "geneval" block
+        for a binary scorer with tags), so a training run's end-of-run score is kept, not only printed."""
+        if getattr(self, "reference_scores", None) is None:
+            return None
+        scores = {"model": self.last_scores[:, None], "compare": self.reference_scores[:, None]}
+        out = summarize(scores, None)
+        out.update(scorer=self.scorer.name, unit=getattr(self.scorer, "unit", ""),
+                   settings={"models": {"model": f"{self.cfg.output_dir} (step {step_no})",
+                                        "compare": f"{self.cfg.model.path} (reference)"},
+                             "prompts": self.cfg.train.eval_prompts, "images_per_prompt": 1, "seed": self.cfg.seed,
+                             "step": step_no, "limit": self.cfg.train.eval_limit})
+        if getattr(self.scorer, "binary", False) and hasattr(self.scorer, "tag"):
+            out["geneval"] = tag_summary(scores, [self.scorer.tag(q) for q in self.prompts])
+        return out
+
     def __call__(self, step_no, ref_params, params):
         import jax
 
@@ -406,11 +422,21 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.images_per_prompt < 1 or args.batch < 1:
         ap.error("--images-per-prompt and --batch must be >= 1")
+    if args.limit < 0:
+        ap.error(f"--limit {args.limit}: must be >= 0 (0: every prompt)")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        ap.error(f"--out {args.out} is an existing file; name a folder")
+    for flag, spec in (("--model", args.model), ("--compare", args.compare)):  # both, before any image is made
+        if spec and not spec.startswith("tiny") and not Path(spec.split(":")[0]).exists():
+            ap.error(f"{flag} {spec}: no such model folder or run folder")
     return args
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # a bad flag: argparse printed its line; the exit code is returned like the others
+        return int(e.code or 0)
     from ddspo_jax.errors import run_command
     from ddspo_jax.parallel import cpu_host_setup
 

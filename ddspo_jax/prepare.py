@@ -290,6 +290,10 @@ def run_prepare(cfg, *, progress: bool = True) -> dict[str, Any]:
           f"to {out} in {seconds:.1f}s: {rate:.2f} pairs/s, {rate / ndev:.3f} pairs/s per device "
           f"({ndev} {jax.default_backend()} device(s), compile included)"
           + (f"; {manifest['bytes_per_record']:.0f} bytes/record" if manifest else ""), flush=True)
+    fell_back = int(perturber.counters.get("fallback", 0))
+    if fell_back:  # llm_on_error=fallback: say how many degraded prompts are random removal instead
+        print(f"prepare: warning: {fell_back} LLM rewrite(s) failed and fell back to random_removal "
+              f"(data.llm_on_error=fallback); see perturb/* in {out / 'manifest.json'}", file=sys.stderr, flush=True)
     return summary
 
 
@@ -367,7 +371,8 @@ def run_import_preferences(cfg, src: str, *, progress: bool = True) -> dict[str,
                         pair = [preferences.load_image(e.preferred, resolution),
                                 preferences.load_image(e.dispreferred, resolution)]
                     except DataError as err:
-                        dropped.append({"id": e.id, "reason": f"undecodable image: {err}"})
+                        kind = "missing image" if "not found" in str(err) else "undecodable image"
+                        dropped.append({"id": e.id, "reason": f"{kind}: {err}"})
                         continue
                     good.append(e)
                     imgs += pair
@@ -395,7 +400,8 @@ def run_import_preferences(cfg, src: str, *, progress: bool = True) -> dict[str,
             f.write(json.dumps(d) + "\n")
     reasons: dict[str, int] = {}
     for d in drops:
-        key = "tie" if d["reason"] == "tie" else "undecodable image"
+        key = d["reason"].split(":")[0] if d["reason"].startswith(("undecodable", "missing")) else d["reason"]
+        key = "invalid labels" if key.startswith("labels") else key
         reasons[key] = reasons.get(key, 0) + 1
     m = records.write_manifest(out, shards=shards, kind="pairs", model=str(bb.path), dtype=cfg.data.record_dtype,
                                settings=settings, counts={"dropped": reasons}, conditioning=cond_shapes)

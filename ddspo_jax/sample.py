@@ -44,7 +44,12 @@ def load_model(spec: str, *, dtype: str, step: int | None = None):
     else:
         mcfg.path = spec  # the family is detected from the folder (backbones.detect_family)
     mcfg.dtype = dtype
-    bb = load_backbone(mcfg, base_config().schedule, text=True, vae=True, log=None)
+    from ddspo_jax.errors import UserError
+
+    try:
+        bb = load_backbone(mcfg, base_config().schedule, text=True, vae=True, log=None)
+    except UserError as e:  # these commands take a folder, not a config: name the folder, not the config key
+        raise type(e)(str(e).replace(f"config.model.path={mcfg.path!r}", f"model folder {mcfg.path}")) from None
     return bb, bb.params if params is None else params
 
 
@@ -174,11 +179,22 @@ def parse_args(argv=None):
     ap.add_argument("--field", default="", help="JSONL field / CSV column of the prompts")
     ap.add_argument("--dtype", default="", choices=("", "float32", "bfloat16"),
                     help="compute dtype (default: float32 on CPU, bfloat16 on accelerators)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.limit < 0 or args.batch < 1:
+        ap.error(f"--limit must be >= 0 (0: every prompt) and --batch >= 1, got {args.limit} and {args.batch}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        ap.error(f"--out {args.out} is an existing file; name a folder")
+    for flag, spec in (("--model", args.model), ("--compare", args.compare)):  # both, before any image is made
+        if spec and not spec.startswith("tiny") and not Path(spec.split(":")[0]).exists():
+            ap.error(f"{flag} {spec}: no such model folder or run folder")
+    return args
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # a bad flag: argparse printed its line; the exit code is returned like the others
+        return int(e.code or 0)
     from ddspo_jax.errors import run_command
     from ddspo_jax.parallel import cpu_host_setup
 

@@ -239,9 +239,6 @@ def train(cfg, *, log=print) -> dict:
     accepted = check_resume(out, cfg)  # before anything is written: a refused resume leaves the run as it was
     if accepted:
         log("resuming with changed keys: " + ", ".join(accepted))
-    if main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "config.json", cfg.to_json_best_effort(indent=2) + "\n")  # export reads it
 
     # ---------------------------------------------------------------------------------- model
     backbone = load_backbone(cfg.model, cfg.schedule, text=False, vae=False, log=log)
@@ -268,6 +265,14 @@ def train(cfg, *, log=print) -> dict:
                         process_count=blocks, extra_dir=cfg.data.extra_records or None)
     if cfg.data.rand_cond != "none" and not cfg.data.extra_records:
         raise ConfigError(f"data.rand_cond={cfg.data.rand_cond!r} needs data.extra_records (records of extra prompts)")
+
+    if main_process:  # after every check of the model and data: a refused run writes nothing
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(out / "config.json", cfg.to_json_best_effort(indent=2) + "\n")  # export reads it
+        except OSError as e:
+            raise ConfigError(f"output_dir {out} cannot be written ({e.strerror or e}); choose another "
+                              "config.output_dir") from None
 
     # ------------------------------------------------------------------ optimizer and train state
     lr = learning_rate(cfg)
@@ -465,6 +470,8 @@ def train(cfg, *, log=print) -> dict:
         mngr.wait_until_finished()
         writer.flush()
         loader.close()
+    if evaluator is not None and main_process and evaluator.summary(step_no) is not None:  # kept, not only printed
+        write_text_atomic(out / "summary.json", json.dumps(evaluator.summary(step_no), indent=1) + "\n")
     summary = {"steps": step_no, "resumed_from": start, "output_dir": str(out), "eval": last_eval,
                "metrics": last_scalars,
                "eval_reference": evaluator.reference if evaluator is not None else None,
@@ -554,7 +561,8 @@ def main(argv):
     from ddspo_jax.errors import user_exits
 
     with user_exits():  # a user mistake or a diverged run: one clear line (DDSPO_DEBUG=1 for the traceback)
-        summary = train(load_config_flag(_CONFIG.value))
+        cfg = load_config_flag(_CONFIG.value)
+        summary = train(cfg)
     import jax
 
     if jax.process_index() != 0:

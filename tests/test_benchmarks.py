@@ -91,33 +91,40 @@ def test_per_device_memory_falls_with_fsdp():
     assert four["acc"] <= 0.35 * one["acc"] and four["opt"] <= 0.35 * one["opt"]
 
 
-@pytest.mark.slow  # ~3 min: eight one-step trainings and nine tiny evaluations
-def test_objectives_benchmark_smoke(tmp_path):
-    """benchmarks/objectives.py on the world model with minimal settings: every method runs on the same
-    records, the CSVs and the figure are written, and the summary names each method."""
-    script = SCRIPT.parent / "objectives.py"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"),
-                           "--seeds", "1", "--steps", "1", "--pairs", "8", "--eval-limit", "6", "--sampler-steps", "2",
-                           "--dspo-weights", "beta,100"], capture_output=True, text=True, timeout=1200, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for f in ("objectives.csv", "objectives_summary.csv", "objectives.png"):
-        assert (tmp_path / "out" / f).is_file()
-    rows = (tmp_path / "out" / "objectives.csv").read_text().splitlines()
-    methods = {r.split(",")[0] for r in rows[1:]}
-    assert {"Reference", "SFT", "Diffusion-DPO", "DSPO+CPP", "DDSPO", "DDSPO Rand-positive",
-            "DDSPO Not-paired", "DSPO w=beta", "DSPO w=100"} <= methods, methods
-    assert re.search(r"\| DDSPO \| 1 \| [0-9.]+ ± 0.000", proc.stdout), proc.stdout[-2000:]
-    # per_prompt is the fraction of the 6 prompts judged right: the tags' accuracies weighted by their counts
+@pytest.mark.slow  # ~3 min: a two-run sweep, its resume, one final run and the report
+def test_world_study_miniature(tmp_path):
+    """benchmarks/world_study.py on the world model with minimal settings: a two-run DDSPO sweep on dev (fresh
+    pairs, held-out pair metrics, a dev score per run), a re-run that resumes without training again, the final
+    table's run paired against the reference on the held-out prompts, and the report."""
     import csv
-    import json
 
-    from ddspo_jax.configs.world import PROMPTS
+    script = SCRIPT.parent / "world_study.py"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    common = ["--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"), "--methods", "DDSPO",
+              "--lrs", "1e-5,1e-4", "--beta-factors", "", "--steps", "2", "--batch", "4", "--dev-pairs", "4",
+              "--dev-limit", "10", "--eval-limit", "8", "--seeds", "1", "--ipp", "2"]
 
-    tags = [json.loads(q)["tag"] for q in (PROMPTS / "world_eval.jsonl").read_text().splitlines()[:6]]
-    for r in csv.DictReader(open(tmp_path / "out" / "objectives.csv")):
-        want = sum(float(r[f"shapes_{t}"]) for t in tags) / len(tags)
-        assert abs(float(r["shapes_per_prompt"]) - want) < 1e-9, r
+    def study(cmd):
+        proc = subprocess.run([sys.executable, str(script), cmd, *common], capture_output=True, text=True,
+                              timeout=1200, env=env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    out = study("sweep")
+    assert "prepare: 8 pairs" in out
+    rows = list(csv.DictReader(open(tmp_path / "out" / "sweep.csv")))
+    assert [(r["method"], float(r["lr"]), float(r["beta"])) for r in rows] == [("DDSPO", 1e-5, 16000.0),
+                                                                              ("DDSPO", 1e-4, 16000.0)]
+    for r in rows:
+        assert 0 <= float(r["dev_per_prompt"]) <= 1 and 0 <= float(r["dev_acc"]) <= 1 and float(r["moved"]) > 0
+    assert "dev per-prompt" not in study("sweep")  # resumed: nothing trained again
+    study("final")
+    final = list(csv.DictReader(open(tmp_path / "out" / "final.csv")))
+    assert [r["method"] for r in final] == ["Reference", "DDSPO"]
+    assert final[1]["paired_overall"] and final[0]["paired_overall"] == ""
+    report = study("report")
+    assert re.search(r"\| DDSPO \| [0-9e.-]+ \| 16000(\.0)? \| 1 \| ", report), report
+    assert (tmp_path / "out" / "study.png").is_file()
 
 
 _PEAK_PROGRAM = r"""

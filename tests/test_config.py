@@ -48,10 +48,30 @@ def test_missing_key_named():
         validate(cfg)
 
 
-def test_override_keys_checked():
+def test_override_keys_checked(capsys):
     check_override_keys(["prog", "--config.train.beta=3", "--config=configs/x.py", "--other"])
-    with pytest.raises(SystemExit, match="train.bta"):
+    with pytest.raises(SystemExit) as e:
         check_override_keys(["prog", "--config.train.bta=3"])
+    assert e.value.code == 2 and "unknown config key 'train.bta'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,words", [
+    (None, "not found"), ("def get_config(:\n", "syntax error at line 1"), ("x = 1\n", "no get_config()"),
+    ("import ml_collections\ndef get_config():\n    c = ml_collections.ConfigDict()\n    c.seed = 1\n    return c\n",
+     "lacks"),
+    ("def get_config(v=None):\n    raise KeyError(v)\n", "get_config('huge') failed: KeyError"),
+])
+def test_bad_config_files_end_in_one_line(tmp_path, capsys, text, words):
+    from ddspo_jax.config import check_config_file
+
+    path = tmp_path / "c.py"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        check_config_file(["prog", "--config", f"{path}:huge" if "huge" in words else str(path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: config file {path}") and words in err, err
+    check_config_file(["prog", "--config=configs/tiny.py"])  # a good file passes
 
 
 def test_shipped_configs_validate():

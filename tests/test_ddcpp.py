@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -48,6 +49,9 @@ def dataset(tmp_path_factory):
         rows["label_1"].append(label[1])
         rows["extra"].append(i)
     rows["jpg_1"][6] = b"\xff\xd8 not really a jpeg"  # undecodable: dropped, named
+    for bad in ({"label_0": 2.0, "label_1": 0.3}, {"label_0": None}, {"jpg_0": None}):  # corrupt rows: dropped
+        for k in rows:
+            rows[k].append({**{c: v[0] for c, v in rows.items()}, **bad}[k])
     pq.write_table(pa.table(rows), root / "train-00000.parquet")
     return root
 
@@ -87,10 +91,13 @@ def test_import_latents_are_the_vae_encoding_and_drops_are_named(dataset, import
     from ddspo_jax.data.loader import PairSource
 
     cfg, m = imported
-    assert m["num_records"] == N_GOOD and m["counts"]["dropped"] == {"tie": 1, "undecodable image": 1}
+    assert m["num_records"] == N_GOOD and m["counts"]["dropped"] == {
+        "tie": 1, "undecodable image": 1, "invalid labels": 2, "image jpg_0 is null": 1}
     dropped = [json.loads(line) for line in (dataset / "records" / "dropped.jsonl").read_text().splitlines()]
-    assert [d["id"] for d in dropped] == ["train-00000.parquet:3", "train-00000.parquet:6"]
-    assert dropped[0]["reason"] == "tie" and "undecodable image" in dropped[1]["reason"]
+    why = {d["id"]: d["reason"] for d in dropped}
+    assert sorted(why) == [f"train-00000.parquet:{i}" for i in (10, 11, 12, 3, 6)]
+    assert why["train-00000.parquet:3"] == "tie" and "undecodable image" in why["train-00000.parquet:6"]
+    assert why["train-00000.parquet:10"] == "labels (2.0, 0.3) are not a preference"
 
     import pyarrow.parquet as pq
     table = pq.read_table(dataset / "train-00000.parquet").to_pydict()
@@ -285,7 +292,7 @@ def test_import_from_a_folder_layout(tmp_path):
     (src / "preferences.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
     cfg = _cfg(tmp_path)
     m = run_import_preferences(cfg, str(src), progress=False)
-    assert m["num_records"] == 3 and m["counts"]["dropped"] == {"undecodable image": 1}
+    assert m["num_records"] == 3 and m["counts"]["dropped"] == {"missing image": 1}  # not "undecodable"
     recs = PairSource(cfg.data.records)
     assert [recs[i]["prompt"] for i in range(3)] == ["prompt 0", "prompt 1", "prompt 2"]
     assert not np.allclose(np.asarray(recs[0]["x0_w"], np.float32), np.asarray(recs[0]["x0_l"], np.float32))
@@ -293,3 +300,9 @@ def test_import_from_a_folder_layout(tmp_path):
     from ddspo_jax.errors import DataError
     with pytest.raises(DataError, match="dispreferred"):
         run_import_preferences(_cfg(tmp_path / "other"), str(src), progress=False)
+    for line, words in (('[1, 2]', "a JSON object is expected, got list"),
+                        ('{"prompt": null, "preferred": "0a.jpg", "dispreferred": "0b.jpg"}',
+                         "field 'prompt' must be a string, got None")):
+        (src / "preferences.jsonl").write_text(line + "\n")
+        with pytest.raises(DataError, match=re.escape(f"preferences.jsonl:1: {words}")):
+            run_import_preferences(_cfg(tmp_path / "other"), str(src), progress=False)

@@ -96,3 +96,12 @@ def test_world_default_prints_reference_vs_finetuned_table(tmp_path):
     out = res.stdout
     assert "held-out evaluation" in out and "GenEval accuracy per tag" in out, out[-3000:]
     assert "fine-tuned" in out and "reference" in out and "overall" in out and "difference" in out
+    # the end-of-run evaluation is kept in the run folder in evaluate's summary.json format, and it is the table
+    import json
+
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())["geneval"]
+    row = next(line for line in out.splitlines() if line.strip().startswith("overall"))
+    toks = row.split()  # overall  F [lo, hi]  R [lo, hi]  D [lo, hi]
+    printed = [float(toks[1]), float(toks[4])]
+    assert abs(printed[0] - s["models"]["model"]["overall"]) < 6e-4, (row, s["models"])
+    assert abs(printed[1] - s["models"]["compare"]["overall"]) < 6e-4, (row, s["models"])

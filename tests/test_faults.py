@@ -211,3 +211,75 @@ def test_prompts_digest_follows_the_content():
 
     assert prepare.prompts_digest(["a red circle", "a square"]) != prepare.prompts_digest(["a red circle", "a ring"])
     assert prepare.prompts_digest(["x"]) == prepare.prompts_digest(["x"])
+
+
+# ------------------------------------------------------------------------------ the bad-input table (CLI)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cases(tmp: Path):
+    """(argv, words the error names, paths that must not exist afterwards)."""
+    (tmp / "afile").write_text("x")
+    (tmp / "syntax.py").write_text("def get_config(:\n")
+    rec = tmp / "noshards"
+    rec.mkdir()
+    (rec / "manifest.json").write_text(json.dumps({"format": "ddspo_jax.records", "schema_version": 1}))
+    tiny = ["--config", "configs/tiny.py"]
+    return [
+        (["ddspo_jax.train", "--config", str(tmp / "syntax.py")], ["syntax.py", "syntax error"], []),
+        (["ddspo_jax.train", *tiny, f"--config.output_dir={tmp / 'afile' / 'run'}"], ["output_dir"], []),
+        (["ddspo_jax.train", *tiny, f"--config.output_dir={tmp / 'r1'}", "--config.train.lr=-0.001"],
+         ["train.lr", "> 0"], [tmp / "r1"]),
+        (["ddspo_jax.train", *tiny, f"--config.output_dir={tmp / 'r2'}", f"--config.data.records={rec}"],
+         ["manifest.json", "shards"], []),
+        (["ddspo_jax.prepare", *tiny, f"--config.data.records={tmp / 'p1'}", "--config.data.removal_range=(0.7, 0.4)"],
+         ["data.removal_range"], [tmp / "p1"]),
+        (["ddspo_jax.prepare", *tiny, f"--config.data.records={tmp / 'p2'}", "--config.data.perturb=('bogus',)"],
+         ["bogus"], [tmp / "p2" / "prepare_settings.json"]),
+        (["ddspo_jax.prepare", *tiny, f"--config.data.records={tmp / 'p3'}", "--config.data.prompt_limit=-3"],
+         ["data.prompt_limit"], [tmp / "p3"]),
+        (["ddspo_jax.toy", "--config", "configs/toy.py", "--config.toy.methods=('dpo', 'bogus')"], ["toy.methods"], []),
+        (["ddspo_jax.world", "prompts", "--train", "-3", "--out", str(tmp / "w1")], ["--train"], [tmp / "w1"]),
+        (["ddspo_jax.world", "prompts", "--out", str(tmp / "afile")], ["existing file"], []),
+        (["ddspo_jax.world", "pretrain", "--resolution", "7", "--out", str(tmp / "w2")], ["--resolution"], [tmp / "w2"]),
+        (["ddspo_jax.world", "pretrain", "--batch", "0", "--out", str(tmp / "w3")], ["--batch"], [tmp / "w3"]),
+        (["ddspo_jax.sample", "--model", "tiny", "--prompts", "x.txt", "--out", str(tmp / "afile")], ["existing file"], []),
+        (["ddspo_jax.sample", "--model", "tiny", "--compare", str(tmp / "nope"), "--prompts", "x.txt", "--out",
+          str(tmp / "s1")], ["--compare", "no such"], [tmp / "s1"]),
+        (["ddspo_jax.evaluate", "--model", "tiny", "--prompts", "x.txt", "--limit", "-1", "--out", str(tmp / "e1")],
+         ["--limit"], [tmp / "e1"]),
+    ]
+
+
+N_CASES = 15
+
+
+@pytest.mark.parametrize("i", range(N_CASES))
+def test_bad_input_table(tmp_path, i):
+    """Each bad input: exit 2, the last message names the culprit, no traceback, nothing written where the
+    command should have stopped first, and the user's files unchanged."""
+    cases = _cases(tmp_path)
+    assert len(cases) == N_CASES
+    argv, words, absent = cases[i]
+    before = tree_hash(tmp_path)
+    res = run_cli(argv, cwd=ROOT)
+    assert_one_line(res, *words)
+    for p in absent:
+        assert not p.exists(), p
+    assert tree_hash(tmp_path) == before
+
+
+def test_a_wrong_model_config_names_the_first_mismatches_and_the_count():
+    """Hundreds of mismatched keys (a wrong unet config) end in a short message: the first few of each kind
+    and how many there are."""
+    import jax
+
+    from ddspo_jax.convert.common import SHOWN, ConversionError, KeyTable, params_from_state_dict
+
+    shapes = {f"layer_{i}": {"kernel": jax.ShapeDtypeStruct((2, 3), np.float32)} for i in range(40)}
+    state = {f"other.{i}.weight": np.zeros((3, 2), np.float32) for i in range(300)}
+    with pytest.raises(ConversionError) as e:
+        params_from_state_dict(KeyTable(), shapes, state, source="unet.safetensors")
+    msg = str(e.value)
+    assert "40 missing keys (first 5)" in msg and "300 unexpected keys (first 5)" in msg, msg
+    assert len(msg.splitlines()) == 1 + 2 * (1 + SHOWN), msg

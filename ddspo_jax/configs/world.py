@@ -23,14 +23,18 @@ def get_config():
     c.model.path = str(WORLD_MODEL)
     c.model.dtype = "float32"           # bf16 is slow on CPUs
     c.data.prompts = str(PROMPTS / "world_train.jsonl")
-    c.data.prompt_limit = 256
+    # Fresh pairs, as the paper trains (100 steps x 2048 pairs from 200K prompts: each pair seen once): 40 steps
+    # x 32 pairs = 1280 distinct training captions, none seen twice.
+    c.data.prompt_limit = 1280
     c.data.records = "runs/world/records"
     c.data.shard_size = 64
     c.prepare.batch_size = 32
     # sampler, steps and CFG scale: the world model's own (its ddspo_generation.json: DDIM 20 steps, CFG 5.0)
     c.train.objective = "ddspo"
-    c.train.beta = 16000.0
-    c.train.lr = 16000.0 / 2.048e8      # the paper's text's rule; the release's 2.5e-9 x 32 pairs would not move
+    # lr and beta: DDSPO's best on the dev split (world_dev.jsonl) of the study's sweep, lr {1e-6, 5e-6, 2e-5,
+    # 1e-4} at beta 16000, then beta {8000, 32000} at the best lr (benchmarks/world_study.py, docs/world/study.md)
+    c.train.beta = 8000.0
+    c.train.lr = 2e-5
     c.train.batch_size = 32
     c.train.micro_batch_per_device = 16
     c.train.steps = 40

@@ -22,8 +22,11 @@ from safetensors.numpy import save_file
 from ddspo_jax.errors import ModelError
 
 
+SHOWN = 5  # entries of each kind a mismatch message names (and their count)
+
+
 class ConversionError(ModelError):
-    """A weight file does not match the model: names every offending key, not just the first."""
+    """A weight file does not match the model: names the first offending keys of each kind and their counts."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +111,8 @@ def params_from_state_dict(
 ) -> dict:
     """Builds the Flax params for the tree `shapes` (from `jax.eval_shape`) out of `state_dict`.
 
-    Raises ConversionError listing every missing key, unexpected key and shape mismatch.
+    Raises ConversionError naming the first SHOWN missing keys, unexpected keys and shape mismatches of each
+    kind, with their counts.
     """
     flat = _flatten(shapes)
     out, missing, mismatched, used = {}, [], [], set()
@@ -133,8 +137,9 @@ def params_from_state_dict(
         for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
                              ("shape mismatches", mismatched)):
             if items:
-                lines.append(f"  {len(items)} {title}:")
-                lines += [f"    {x}" for x in sorted(items)]
+                shown = sorted(items)[:SHOWN]  # the first few and the count: a wrong config gives hundreds
+                lines.append(f"  {len(items)} {title}" + (f" (first {SHOWN}):" if len(items) > SHOWN else ":"))
+                lines += [f"    {x}" for x in shown]
         raise ConversionError("\n".join(lines))
     return _unflatten(out)
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from ddspo_jax.errors import DataError, MissingFileError
 
+LABELS = {(1, 0), (0, 1), (0.5, 0.5)}  # (label_0, label_1) of a Pick-a-Pic row
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 
 
@@ -68,10 +69,16 @@ def iter_preferences(src: str | os.PathLike) -> Iterator[Preference | Dropped]:
                 rid = f"{f.name}:{row}"
                 row += 1
                 l0, l1 = cols["label_0"][i], cols["label_1"][i]
+                if (l0, l1) not in LABELS:  # Pick-a-Pic: (1, 0), (0, 1) or a tie (0.5, 0.5); anything else is
+                    yield Dropped(rid, f"labels ({l0}, {l1}) are not a preference")  # corrupt: dropped, named
+                    continue
                 if l0 == l1:
                     yield Dropped(rid, "tie")
                     continue
                 a, b = cols["jpg_0"][i], cols["jpg_1"][i]
+                if a is None or b is None:
+                    yield Dropped(rid, f"image {'jpg_0' if a is None else 'jpg_1'} is null")
+                    continue
                 w, l = (a, b) if l0 > l1 else (b, a)
                 yield Preference(rid, cols["caption"][i] or "", w, l)
 
@@ -86,9 +93,12 @@ def _iter_folder(src: Path) -> Iterator[Preference | Dropped]:
                 e = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(e, dict):
+                raise DataError(f"{path}:{lineno}: a JSON object is expected, got {type(e).__name__}")
             for key in ("prompt", "preferred", "dispreferred"):
-                if key not in e:
-                    raise DataError(f"{path}:{lineno}: field {key!r} missing")
+                if not isinstance(e.get(key), str):
+                    raise DataError(f"{path}:{lineno}: field {key!r} " + ("missing" if key not in e else
+                                                                        f"must be a string, got {e[key]!r}"))
             yield Preference(str(e.get("id", f"{path.name}:{lineno}")), e["prompt"], str(src / e["preferred"]),
                              str(src / e["dispreferred"]))
 
@@ -98,6 +108,8 @@ def load_image(data: bytes | str, resolution: int) -> np.ndarray:
     Raises DataError for bytes or a file that is not a readable image."""
     from PIL import Image, UnidentifiedImageError
 
+    if isinstance(data, str) and not os.path.isfile(data):
+        raise DataError(f"image file not found: {data}")
     try:
         im = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
         im = im.convert("RGB")

@@ -271,6 +271,8 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     if m.get("schema_version") != SCHEMA_VERSION:
         raise RecordError(f"{path}: schema version {m.get('schema_version')}, this code reads version "
                           f"{SCHEMA_VERSION}; re-create the data with this version's prepare")
+    if not isinstance(m.get("shards"), list) or not all(isinstance(s, dict) and "file" in s for s in m["shards"]):
+        raise DataError(f"{path}: no list of shards (\"shards\": [{{\"file\": ...}}, ...]); {_HOW_TO_CREATE}")
     for s in m["shards"]:
         p = os.path.join(folder, s["file"])
         if not os.path.isfile(p):

@@ -31,12 +31,19 @@ def main(argv=None) -> int:
     if args.cmd == "pretrain":
         from ddspo_jax import parallel
 
+        from ddspo_jax.errors import user_exits
+
         parallel.cpu_host_setup()  # before JAX starts its backends, as the other commands
-        pretrain.pretrain(pretrain.from_args(args))
+        with user_exits():
+            pretrain.pretrain(pretrain.from_args(args))
         return 0
     from ddspo_jax.world import prompts
 
     out = Path(args.out)
+    if args.train < 1 or args.dev < 0:
+        ap.error(f"--train must be >= 1 and --dev >= 0, got {args.train} and {args.dev}")
+    if out.exists() and not out.is_dir():
+        ap.error(f"--out {out} is an existing file; name a folder")
     out.mkdir(parents=True, exist_ok=True)
     ev = prompts.geneval_set()
     tr, dev = prompts.split_dev(prompts.training_set(args.train + args.dev, args.seed), args.dev, args.seed)

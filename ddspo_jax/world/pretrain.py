@@ -366,6 +366,16 @@ def from_args(args) -> PretrainConfig:
         raise SystemExit(f"--unet-channels {args.unet_channels!r}: not comma-separated positive integers")
     if args.min_snr < 0:
         raise SystemExit(f"--min-snr {args.min_snr!r}: gamma must be >= 0 (0: the plain DDPM loss)")
+    for name in ("vae_steps", "unet_steps", "warmup", "captions", "seed"):
+        if getattr(args, name) < 0:
+            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 0")
+    for name in ("batch", "checkpoint_every"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if args.resolution < 16 or args.resolution % 8:
+        raise SystemExit(f"--resolution {args.resolution}: must be a multiple of 8, at least 16 (the VAE downsamples)")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise SystemExit(f"--out {args.out} is an existing file; name a folder")
     if args.init and not (Path(args.init) / "model_index.json").is_file():
         raise SystemExit(f"--init {args.init!r} is not a world-model folder (no model_index.json there)")
     return PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)})
