@@ -422,10 +422,44 @@ def cmd_report(out: Path, seeds: int) -> str:
         lines.append(f"| {m} | {rs[0]['lr'] or '—'} | {rs[0]['beta'] or '—'} | {len(rs)} | {ms(f('overall'))} | "
                      f"{ms(f('per_prompt'))} | {paired or '(reference seeds vs seed 0)'} | "
                      f"{(f'{np.mean(pp):+.4f}' if pp else '—')} | " + " | ".join(ms(f(t)) for t in tags) + " |")
+    sweep = read_rows(out / "sweep.csv")
+    ref = [r for r in read_rows(out / "study_reference.csv") if r["guidance"] == "5.0"]
+    if sweep:
+        lines += ["", "Dev sweep (per-prompt accuracy on world_dev.jsonl, one image per prompt, seed 0; the reference "
+                  f"scores {ref[0]['dev_per_prompt'] if ref else '?'} under the same noise):", "",
+                  "| method | lr | β | dev per-prompt | dev overall | held-out pair acc | held-out pair loss | "
+                  "train acc | weights moved |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['method']} | {r['lr']} | {r['beta'] or '—'} | {float(r['dev_per_prompt']):.3f} | "
+                  f"{float(r['dev_overall']):.3f} | {float(r['dev_acc']):.2f} | {float(r['dev_loss']):.4f} | "
+                  f"{float(r['train_acc']) if r['train_acc'] not in ('', 'nan') else float('nan'):.2f} | "
+                  f"{float(r['moved']):.1e} |" for r in sweep]
+        _sweep_figure(sweep, float(ref[0]["dev_per_prompt"]) if ref else None, out / "sweep.png")
     text = "\n".join(lines)
     if final:
         _study_figure(final, methods, out / "study.png")
     return text
+
+
+def _sweep_figure(rows, ref, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for j, m in enumerate(dict.fromkeys(r["method"] for r in rows)):
+        pts = sorted((float(r["lr"]), float(r["dev_per_prompt"])) for r in rows if r["method"] == m
+                     and (not r["beta"] or float(r["beta"]) == float(next(q["beta"] for q in rows if q["method"] == m))))
+        ax.plot(*zip(*pts), "o-", label=m, color=f"C{j}", ms=4)
+    if ref is not None:
+        ax.axhline(ref, color="k", ls="--", lw=1, label="reference")
+    ax.set_xscale("log")
+    ax.set_xlabel("lr (at each method's paper beta)")
+    ax.set_ylabel("dev per-prompt accuracy")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _study_figure(rows, methods, path):

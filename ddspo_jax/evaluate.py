@@ -422,13 +422,9 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.images_per_prompt < 1 or args.batch < 1:
         ap.error("--images-per-prompt and --batch must be >= 1")
-    if args.limit < 0:
-        ap.error(f"--limit {args.limit}: must be >= 0 (0: every prompt)")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        ap.error(f"--out {args.out} is an existing file; name a folder")
-    for flag, spec in (("--model", args.model), ("--compare", args.compare)):  # both, before any image is made
-        if spec and not spec.startswith("tiny") and not Path(spec.split(":")[0]).exists():
-            ap.error(f"{flag} {spec}: no such model folder or run folder")
+    from ddspo_jax.sample import check_common_args
+
+    check_common_args(ap, args)
     return args
 
 

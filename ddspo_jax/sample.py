@@ -180,14 +180,22 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", default="", choices=("", "float32", "bfloat16"),
                     help="compute dtype (default: float32 on CPU, bfloat16 on accelerators)")
     args = ap.parse_args(argv)
-    if args.limit < 0 or args.batch < 1:
-        ap.error(f"--limit must be >= 0 (0: every prompt) and --batch >= 1, got {args.limit} and {args.batch}")
+    if args.batch < 1:
+        ap.error(f"--batch must be >= 1, got {args.batch}")
+    check_common_args(ap, args)
+    return args
+
+
+def check_common_args(ap, args) -> None:
+    """sample's and evaluate's shared flags, before any model is loaded: --limit, --out, and that --model and
+    --compare name something (a second model's typo found after the first model's images is time lost)."""
+    if args.limit < 0:
+        ap.error(f"--limit {args.limit}: must be >= 0 (0: every prompt)")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         ap.error(f"--out {args.out} is an existing file; name a folder")
-    for flag, spec in (("--model", args.model), ("--compare", args.compare)):  # both, before any image is made
+    for flag, spec in (("--model", args.model), ("--compare", args.compare)):
         if spec and not spec.startswith("tiny") and not Path(spec.split(":")[0]).exists():
             ap.error(f"{flag} {spec}: no such model folder or run folder")
-    return args
 
 
 def main(argv=None) -> int:

@@ -113,12 +113,13 @@ def test_ema_phase_returns_the_moving_average_of_the_iterates(tmp_path):
                                          (["--init", "/no/such/model"], "--init '/no/such/model'"),
                                          (["--unet-channels", "48,x"], "--unet-channels '48,x'"),
                                          (["--min-snr", "-5"], "--min-snr -5.0")])
-def test_bad_flags_are_one_line_naming_the_flag(argv, words, tmp_path):
+def test_bad_flags_are_one_line_naming_the_flag(argv, words, tmp_path, capsys):
     from ddspo_jax.world.__main__ import main
 
     with pytest.raises(SystemExit) as e:
         main(["pretrain", "--out", str(tmp_path / "m")] + argv)
-    assert words in str(e.value.code)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and words in err and len(err.splitlines()) == 1, err
 
 
 def test_unet_channels_builds_a_wider_unet_diffusers_loads(tmp_path):

@@ -333,9 +333,11 @@ def import_authors_release(src: str | os.PathLike, out: str | os.PathLike, encod
                 e = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{meta_path}:{lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(e, dict):
+                raise DataError(f"{meta_path}:{lineno}: a JSON object is expected, got {type(e).__name__}")
             for key in ("prompt", "neg_prompt", "pos_file"):
                 if key not in e:
-                    raise KeyError(f"{meta_path}:{lineno}: field {key!r} missing")
+                    raise DataError(f"{meta_path}:{lineno}: field {key!r} missing")
             entries.append(e)
             if limit is not None and len(entries) >= limit:
                 break
