@@ -371,3 +371,22 @@ def test_authors_release_metadata_errors_name_the_line(tmp_path, line, words):
                                                      + line + "\n")
     with pytest.raises(DataError, match=f"metadata.jsonl:2: {words}"):
         import_authors_release(tmp_path / "src", tmp_path / "out", encode=lambda texts: {})
+
+
+def test_prepare_says_when_llm_rewrites_fell_back(tmp_path, monkeypatch, capsys):
+    """data.llm_on_error=fallback with a dead LLM endpoint: the records are made with random removal, and
+    prepare says how many rewrites fell back (before: only the manifest's counters knew)."""
+    from ddspo_jax import prepare
+    from ddspo_jax.configs.tiny import get_config as tiny_config
+    from ddspo_jax.data import perturb as P
+
+    dead = P.OpenAIChatBackend("http://127.0.0.1:9/v1", "m", max_retries=0, timeout=2)
+    mix = P.Perturber({"llm_compositional": 1}, rewriters={"llm_compositional": P.LLMRewriter("compositional", dead)},
+                      on_error="fallback")
+    monkeypatch.setattr(prepare, "make_perturber", lambda cfg, out: mix)
+    c = tiny_config()
+    c.data.records, c.data.prompt_limit, c.data.shard_size = str(tmp_path / "rec"), 2, 2
+    c.prepare.steps, c.prepare.batch_size = 2, 2
+    prepare.run_prepare(validate(c), progress=False)
+    err = capsys.readouterr().err
+    assert "2 LLM rewrite(s) failed and fell back to random_removal" in err, err
