@@ -301,10 +301,10 @@ def cmd_final(st: Study, args):
         if ("Reference", str(seed)) not in done:
             append_row(path, _final_row("Reference", {}, seed, ref_v[seed], ref_v[0] if seed else None, st))
     best = best_settings(st.out)
-    # The claim's three first (every seed), then the rest seed by seed: a study cut short still reports the
-    # methods the claim compares with all their seeds.
-    key = [m for m, _, _ in METHODS[:3]]
-    order = [(m, s) for m in key for s in range(args.seeds)]
+    # DDSPO's seeds first, then its two rivals of the claim seed by seed, then the rest seed by seed: a study
+    # cut short still reports DDSPO with all its seeds and its rivals with as many as it reached.
+    order = [(METHODS[0][0], s) for s in range(args.seeds)]
+    order += [(m, s) for s in range(args.seeds) for m, _, _ in METHODS[1:3]]
     order += [(m, s) for s in range(args.seeds) for m, _, _ in METHODS[3:]]
     for label, seed in order:
         if label not in best or (label, str(seed)) in done:
