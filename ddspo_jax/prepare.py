@@ -36,6 +36,7 @@ import numpy as np
 from absl import app
 
 from ddspo_jax.config import define_config_flag, load_config_flag
+from ddspo_jax.files import write_text_atomic
 
 _CONFIG = define_config_flag(None)
 SETTINGS_FILE = "prepare_settings.json"
@@ -145,9 +146,7 @@ def _check_settings(out: Path, settings: dict, write: bool) -> None:
               "use another data.records folder or delete this one")
     if old is None and write:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(settings, indent=1, sort_keys=True) + "\n")
 
 
 def _cond_shapes(bb, cond_mode: str) -> dict[str, tuple]:

@@ -470,8 +470,9 @@ def train(cfg, *, log=print) -> dict:
         mngr.wait_until_finished()
         writer.flush()
         loader.close()
-    if evaluator is not None and main_process and evaluator.summary(step_no) is not None:  # kept, not only printed
-        write_text_atomic(out / "summary.json", json.dumps(evaluator.summary(step_no), indent=1) + "\n")
+    eval_summary = evaluator.summary(step_no) if evaluator is not None and main_process else None
+    if eval_summary is not None:  # the end-of-run evaluation is kept, not only printed
+        write_text_atomic(out / "summary.json", json.dumps(eval_summary, indent=1) + "\n")
     summary = {"steps": step_no, "resumed_from": start, "output_dir": str(out), "eval": last_eval,
                "metrics": last_scalars,
                "eval_reference": evaluator.reference if evaluator is not None else None,

@@ -12,9 +12,11 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 
+from ddspo_jax.files import write_text_atomic
 from ddspo_jax.world.scenes import COLORS, SHAPES
 
 NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
@@ -141,11 +143,7 @@ def split_dev(pool: list[dict], n_dev: int, seed: int = 0) -> tuple[list[dict], 
 
 
 def write_jsonl(lines: list[dict], path: str | os.PathLike) -> None:
-    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for m in lines:
-            f.write(json.dumps(m) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(Path(path), "".join(json.dumps(m) + "\n" for m in lines))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
