@@ -82,6 +82,8 @@ class Study:
         c = get_config()
         c.data.prompt_limit = args.steps * args.batch  # fresh pairs: each seen once
         c.data.records = str(self.work / "records")
+        c.data.perturb = (f"{args.perturb}:1.0",)
+        c.data.word_groups = str(PROMPTS / "world_word_groups.json")
         c.train.steps, c.train.batch_size, c.train.checkpoint_every = args.steps, args.batch, args.steps
         c.train.sample_every, c.train.export_at_end, c.train.eval_prompts = -1, False, ""
         c.train.warmup_steps = min(c.train.warmup_steps, args.steps // 4)
@@ -487,6 +489,8 @@ def main(argv=None) -> int:
     ap.add_argument("cmd", choices=("diag", "sweep", "final", "cfg", "direction", "report"))
     ap.add_argument("--out", default="docs/world")
     ap.add_argument("--work", default="runs/study")
+    ap.add_argument("--perturb", default="random_removal", choices=("random_removal", "word_swap"),
+                    help="c -> c- for every method's records (give each its own --work and --out)")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--dev-pairs", type=int, default=64, help="dev pairs for the held-out loss / accuracy")

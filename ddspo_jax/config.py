@@ -127,9 +127,12 @@ SCHEMA: dict[str, _F] = {
     "data.prompt_field": _F("", "JSONL key / CSV or Parquet column holding the prompt ('' means 'prompt')."),
     "data.prompt_limit": _F(0, "Use only the first N prompts (0: all)."),
     "data.perturb": _F(("random_removal:1.0",), "c -> c- strategy mix as 'name:weight' (random_removal, "
-                       "llm_compositional, llm_aesthetic); the paper's App. C mix is random_removal:0.5, "
+                       "word_swap, llm_compositional, llm_aesthetic); the paper's App. C mix is random_removal:0.5, "
                        "llm_aesthetic:0.5 and needs data.llm_url or data.llm_path."),
-    "data.removal_range": _F((0.4, 0.7), "Fraction of words random_removal drops (uniform in this range)."),
+    "data.removal_range": _F((0.4, 0.7), "Fraction of words random_removal drops, and of the group words "
+                             "word_swap replaces (uniform in this range)."),
+    "data.word_groups": _F("", "JSON file {group: [words]} for the word_swap strategy: 40-70 % of a prompt's words "
+                           "found in a group are replaced by another word of the group (e.g. colours, objects)."),
     "data.llm_url": _F("", "OpenAI-compatible endpoint base URL for the llm_* strategies (e.g. http://host:8000/v1)."),
     "data.llm_model": _F("", "Model name sent to data.llm_url."),
     "data.llm_path": _F("", "Local transformers causal-LM folder for the llm_* strategies (instead of llm_url)."),

@@ -62,12 +62,20 @@ def make_perturber(cfg, out: Path):
     from ddspo_jax.data import perturb
 
     mix = _parse_mix(cfg.data.perturb)
-    rewriters = {}
+    rewriters, groups = {}, None
     for name in mix:
         if name == "random_removal":
             continue
+        if name == "word_swap":
+            if not cfg.data.word_groups:
+                _fail("data.perturb uses 'word_swap', which needs data.word_groups (a JSON file {group: [words]})")
+            try:
+                groups = perturb.load_word_groups(cfg.data.word_groups)
+            except ValueError as e:
+                _fail(f"data.word_groups: {e}")
+            continue
         if name not in perturb.TEMPLATES:
-            _fail(f"data.perturb names unknown strategy {name!r}; known: random_removal, "
+            _fail(f"data.perturb names unknown strategy {name!r}; known: random_removal, word_swap, "
                   f"{', '.join(perturb.TEMPLATES)}")
         if cfg.data.llm_url:
             backend = perturb.OpenAIChatBackend(cfg.data.llm_url, cfg.data.llm_model)
@@ -78,7 +86,7 @@ def make_perturber(cfg, out: Path):
                   "data.llm_path")
         rewriters[name] = perturb.LLMRewriter(name, backend, cfg.data.llm_cache or str(out / "llm_cache"))
     try:
-        return perturb.Perturber(mix, seed=cfg.seed, rewriters=rewriters, frac_range=tuple(cfg.data.removal_range),
+        return perturb.Perturber(mix, seed=cfg.seed, rewriters=rewriters, word_groups=groups, frac_range=tuple(cfg.data.removal_range),
                                  on_error=cfg.data.llm_on_error)
     except ValueError as e:
         _fail(f"data.perturb={tuple(cfg.data.perturb)}: {e}")
@@ -125,7 +133,16 @@ def resolve_settings(cfg, bb) -> dict[str, Any]:
         "removal_range": list(cfg.data.removal_range), "efficient": bool(cfg.data.efficient),
         "shard_size": int(cfg.data.shard_size), "record_dtype": cfg.data.record_dtype,
         "cond_mode": cfg.data.cond_mode,
+        # the groups' content, only where word_swap is used (records made without it keep their settings)
+        **({"word_groups": _word_groups_digest(cfg)} if "word_swap" in _parse_mix(cfg.data.perturb) else {}),
     }
+
+
+def _word_groups_digest(cfg) -> str:
+    try:
+        return hashlib.sha256(Path(cfg.data.word_groups).read_bytes()).hexdigest()[:16]
+    except OSError:
+        return ""  # make_perturber names the unreadable file
 
 
 def prompts_digest(prompts) -> str:

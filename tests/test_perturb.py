@@ -113,6 +113,70 @@ def test_mix_weights_and_determinism():
         P.Perturber({"random_removal": 1, "llm_compositional": 1})
 
 
+GROUPS = {"color": ["red", "blue", "orange"], "animal": ["cat", "dog"], "side": ["left", "right"]}
+
+
+def test_word_swap_by_hand():
+    """Hand-made cases: only group words change, each to another word of its own group; 40-70 % of them (at
+    least one) change; a/an agree; punctuation and case stay; a prompt without group words gives None."""
+    p = "A red cat left of a blue dog, under the sun."
+    for i in range(200):
+        out = P.word_swap(p, GROUPS, seed=3, index=i)
+        a, b = p.split(), out.split()
+        assert len(a) == len(b)
+        changed = [(x, y) for x, y in zip(a, b) if x != y and x.lower() not in ("a", "an")]
+        assert 2 <= len(changed) <= 4, (out, changed)  # round(U(0.4, 0.7) * 5 group words) in {2, 3, 4}
+        for x, y in changed:
+            core = x.strip(",.")
+            group = next(g for g, ws in GROUPS.items() if core in ws)
+            assert y.strip(",.") in GROUPS[group] and y.strip(",.") != core and y[len(y.rstrip(",.")):] == x[len(core):]
+        for j, w in enumerate(b[:-1]):  # articles agree with the (possibly new) next word
+            if w.lower() in ("a", "an"):
+                assert w.lower() == ("an" if b[j + 1][0] in "aeiou" else "a"), out
+        assert b[0] in ("A", "An") and b[-2:] == ["the", "sun."]
+    assert P.word_swap("an orange cat", GROUPS, seed=0, index=0) in {
+        "a red cat", "a blue cat", "an orange dog", "a red dog", "a blue dog"}
+    assert P.word_swap("the sun in the garden", GROUPS, seed=0, index=0) is None
+    assert P.word_swap(p, GROUPS, seed=3, index=7) == P.word_swap(p, GROUPS, seed=3, index=7)
+
+
+def test_word_swap_in_the_mix_and_groups_file(tmp_path):
+    mix = P.Perturber({"word_swap": 1.0}, seed=0, word_groups=GROUPS)
+    outs = mix.perturb_all(["a red cat", "the sun", "a blue dog"])
+    assert [o.used for o in outs] == ["word_swap", "random_removal", "word_swap"]
+    assert outs[1].fallback_reason == "no_group_word" and mix.counters["fallback/word_swap/no_group_word"] == 1
+    with pytest.raises(ValueError, match="needs word groups"):
+        P.Perturber({"word_swap": 1.0})
+    f = tmp_path / "g.json"
+    f.write_text(json.dumps(GROUPS))
+    assert P.load_word_groups(f) == GROUPS
+    for bad, msg in [({"color": ["red"]}, "group 'color' must list >= 2"),
+                     ({"a": ["red", "blue"], "b": ["blue", "cat"]}, "word 'blue' is in groups 'a' and 'b'"),
+                     ({"a": ["left of", "right of"]}, "single words"), ([], "non-empty object")]:
+        f.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=msg):
+            P.load_word_groups(f)
+    f.write_text("{")
+    with pytest.raises(ValueError, match="not JSON"):
+        P.load_word_groups(f)
+
+
+def test_world_word_groups_keep_captions_in_the_world():
+    """The shipped world groups: every swapped training caption is still a caption the world's grammar makes
+    (same form, its words from the world's vocabulary), and differs from the original."""
+    from ddspo_jax.configs.world import PROMPTS
+    from ddspo_jax.world import prompts as W
+
+    groups = P.load_word_groups(PROMPTS / "world_word_groups.json")
+    assert groups == W.word_groups()  # the shipped file is what `python -m ddspo_jax.world prompts` writes
+    vocab = {w for ws in groups.values() for w in ws} | {"a", "an", "photo", "of", "and"}
+    for i, m in enumerate(W.read_jsonl(PROMPTS / "world_train.jsonl")[:300]):
+        out = P.word_swap(m["prompt"], groups, seed=0, index=i)
+        assert out is not None and out != m["prompt"]
+        assert set(out.split()) <= vocab, out
+        assert [w in vocab - {"a", "an"} for w in out.split()] == [w in vocab - {"a", "an"} for w in m["prompt"].split()]
+
+
 # -------------------------------------------------------------------------------------- fake HTTP server
 
 

@@ -133,6 +133,12 @@ def test_clear_errors(tiny_root, tmp_path):
         prepare.run_prepare(_cfg(tiny_root, "", **{}), progress=False)
     with pytest.raises(SystemExit, match="needs an LLM"):
         prepare.run_prepare(_cfg(tiny_root, tmp_path / "c", **{"data.perturb": ("llm_aesthetic:1",)}), progress=False)
+    with pytest.raises(SystemExit, match="'word_swap', which needs data.word_groups"):
+        prepare.run_prepare(_cfg(tiny_root, tmp_path / "d", **{"data.perturb": ("word_swap:1",)}), progress=False)
+    with pytest.raises(SystemExit, match=r"data.word_groups: /no/groups.json: cannot read word groups"):
+        prepare.run_prepare(_cfg(tiny_root, tmp_path / "e", **{"data.perturb": ("word_swap:1",),
+                                                                "data.word_groups": "/no/groups.json"}), progress=False)
+    assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
 
 
 CONFIG_FILE = """

@@ -4,6 +4,9 @@ Strategies (paper App. G):
   * ``random_removal``: drop a uniformly drawn 40-70 % of the words (alignment degradation).
   * ``llm_compositional``: an LLM removes/generalises the key nouns/adjectives (Fig. E top).
   * ``llm_aesthetic``: an LLM rewrites the prompt into a visually worse one (Fig. E bottom).
+  * ``word_swap``: Fig. E top's instruction ("alter the important words, keep the structure") without an
+    LLM, where the important words form a known vocabulary: 40-70 % of them are replaced by another word
+    of their group (colour by colour, object by object, ...), so c- stays a caption the model knows.
 A :class:`Perturber` mixes strategies with weights (default: App. C, 50 % random removal + 50 % aesthetic).
 
 Everything is deterministic per (seed, prompt index): randomness comes from numpy Generators seeded with
@@ -35,13 +38,14 @@ from ddspo_jax.errors import UserError
 __all__ = [
     "random_removal", "Template", "load_template", "TEMPLATES", "parse_neg_prompts", "ChatBackend",
     "OpenAIChatBackend", "TransformersBackend", "AnswerCache", "LLMRewriter", "Perturbation", "Perturber",
-    "PAPER_MIX", "LLMBackendError",
+    "PAPER_MIX", "LLMBackendError", "word_swap", "load_word_groups",
 ]
 
 # Streams keep the independent random decisions about one prompt apart.
 _STREAM_REMOVAL = 0
 _STREAM_MIX = 1
 _STREAM_PICK = 2
+_STREAM_SWAP = 3
 
 
 def _rng(seed: int, index: int, stream: int) -> np.random.Generator:
@@ -70,6 +74,63 @@ def random_removal(prompt: str, *, seed: int, index: int,
     keep = np.ones(n, bool)
     keep[drop] = False
     return " ".join(w for w, m in zip(words, keep) if m)
+
+
+_PUNCT = ",.;:!?\"'()"
+
+
+def word_swap(prompt: str, groups: dict[str, Sequence[str]], *, seed: int, index: int,
+              frac_range: tuple[float, float] = (0.4, 0.7)) -> str | None:
+    """Replaces a uniformly drawn 40-70 % (at least one) of the prompt's important words -- those in a group
+    of ``groups`` -- each by another word of its group; None when the prompt has no important word.
+
+    Why: random removal makes fragments ("photo two red and") that a model trained on whole captions has
+    never seen, so eps_ref(x, c-) is an out-of-distribution prediction; a swap keeps c- a caption of the
+    model's own distribution that means something else, as the paper's LLM rewrite does. Matching ignores
+    case and surrounding punctuation; an "a"/"an" before a replaced word is made to agree with it.
+    """
+    lo, hi = frac_range
+    group_of = {w.lower(): g for g, words in groups.items() for w in words}
+    words = prompt.split()
+    cores = [w.strip(_PUNCT).lower() for w in words]
+    slots = [i for i, c in enumerate(cores) if c in group_of]
+    if not slots:
+        return None
+    rng = _rng(seed, index, _STREAM_SWAP)
+    k = min(max(int(round(rng.uniform(lo, hi) * len(slots))), 1), len(slots))
+    for i in sorted(rng.choice(slots, size=k, replace=False).tolist()):
+        options = [w for w in groups[group_of[cores[i]]] if w.lower() != cores[i]]
+        new = options[int(rng.integers(len(options)))]
+        a = words[i].lower().find(cores[i])
+        words[i] = words[i][:a] + new + words[i][a + len(cores[i]):]
+        if i > 0 and words[i - 1].lower() in ("a", "an"):
+            article = "an" if new[:1].lower() in "aeiou" else "a"
+            words[i - 1] = article.capitalize() if words[i - 1][0].isupper() else article
+    return " ".join(words)
+
+
+def load_word_groups(path: str | os.PathLike) -> dict[str, list[str]]:
+    """A word-groups JSON file ({"group": ["word", ...], ...}) for ``word_swap``, checked: every group has
+    >= 2 distinct single words and no word is in two groups (a ValueError naming the file and word)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            groups = json.load(f)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read word groups ({e.strerror})") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(groups, dict) or not groups:
+        raise ValueError(f"{path}: word groups must be a non-empty object {{group: [words]}}")
+    seen: dict[str, str] = {}
+    for g, words in groups.items():
+        if (not isinstance(words, list) or len({str(w).lower() for w in words}) < 2
+                or not all(isinstance(w, str) and w and w == w.strip() and " " not in w for w in words)):
+            raise ValueError(f"{path}: group {g!r} must list >= 2 distinct single words, got {words!r}")
+        for w in words:
+            if w.lower() in seen and seen[w.lower()] != g:
+                raise ValueError(f"{path}: word {w!r} is in groups {seen[w.lower()]!r} and {g!r}")
+            seen[w.lower()] = g
+    return groups
 
 
 # ----------------------------------------------------------------------------------------------- templates
@@ -366,8 +427,9 @@ class Perturbation:
 class Perturber:
     """A weighted mix of strategies, deterministic per (seed, index).
 
-    ``strategies`` maps a name (``random_removal``, ``llm_compositional``, ``llm_aesthetic`` or any key of
-    ``rewriters``) to a weight; ``rewriters`` maps each LLM strategy name to its :class:`LLMRewriter`.
+    ``strategies`` maps a name (``random_removal``, ``word_swap``, ``llm_compositional``, ``llm_aesthetic`` or
+    any key of ``rewriters``) to a weight; ``rewriters`` maps each LLM strategy name to its :class:`LLMRewriter`;
+    ``word_groups`` is what ``word_swap`` swaps within (a prompt with no word of it falls back to removal).
     An LLM answer with several negatives is reduced to one, picked with the (seed, index) generator.
     ``on_error``: "raise" (default: a dead endpoint should stop the run, not silently turn the whole
     dataset into random removal) or "fallback" (count it and use random removal).
@@ -376,13 +438,16 @@ class Perturber:
 
     def __init__(self, strategies: dict[str, float] | None = None, *, seed: int = 0,
                  rewriters: dict[str, LLMRewriter] | None = None,
+                 word_groups: dict[str, Sequence[str]] | None = None,
                  frac_range: tuple[float, float] = (0.4, 0.7), on_error: str = "raise"):
         strategies = dict(PAPER_MIX if strategies is None else strategies)
         self.rewriters = dict(rewriters or {})
         for name, w in strategies.items():
             if w < 0:
                 raise ValueError(f"strategy {name!r}: negative weight {w}")
-            if name != "random_removal" and name not in self.rewriters:
+            if name == "word_swap" and not word_groups:
+                raise ValueError("strategy 'word_swap' needs word groups (data.word_groups)")
+            if name not in ("random_removal", "word_swap") and name not in self.rewriters:
                 raise ValueError(f"strategy {name!r} needs an LLM rewriter (rewriters={{{name!r}: LLMRewriter(...)}})"
                                  if name in TEMPLATES else f"unknown strategy {name!r}")
         total = sum(strategies.values())
@@ -393,6 +458,7 @@ class Perturber:
         self.names = list(strategies)
         self.probs = np.array([strategies[n] / total for n in self.names])
         self.seed, self.frac_range, self.on_error = seed, frac_range, on_error
+        self.word_groups = dict(word_groups or {})
         self.counters: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
 
@@ -408,7 +474,15 @@ class Perturber:
     def __call__(self, prompt: str, index: int) -> Perturbation:
         strategy = self.strategy_for(index)
         self._count(f"drawn/{strategy}")
-        if strategy != "random_removal":
+        reason = None
+        if strategy == "word_swap":
+            neg = word_swap(prompt, self.word_groups, seed=self.seed, index=index, frac_range=self.frac_range)
+            if neg is not None:
+                self._count("used/word_swap")
+                return Perturbation(prompt, neg, strategy, strategy)
+            reason = "no_group_word"
+            self._count("fallback", f"fallback/{strategy}/{reason}")
+        elif strategy != "random_removal":
             try:
                 negs, reason, hit = self.rewriters[strategy].rewrite(prompt)
             except LLMBackendError:
@@ -421,8 +495,6 @@ class Perturber:
                 self._count(f"used/{strategy}")
                 return Perturbation(prompt, pick, strategy, strategy)
             self._count("fallback", f"fallback/{strategy}/{reason}")
-        else:
-            reason = None
         neg = random_removal(prompt, seed=self.seed, index=index, frac_range=self.frac_range)
         self._count("used/random_removal")
         return Perturbation(prompt, neg, strategy, "random_removal", reason)

@@ -4,13 +4,17 @@ prompts [--out DIR] [--train N] [--dev M] [--seed S]:
 world_eval.jsonl  every GenEval-template prompt of the scene world (the held-out evaluation set)
 world_train.jsonl N training captions for `prepare` (none of them an evaluation prompt)
 world_dev.jsonl   M captions of the same five forms, balanced, in neither file: where choices are made
+world_word_groups.json  the world's vocabulary in groups, for data.perturb=word_swap (data.word_groups)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+
+from ddspo_jax.files import write_text_atomic
 
 PROMPT_DIR = Path(__file__).resolve().parent.parent / "configs" / "prompts"
 
@@ -18,7 +22,7 @@ PROMPT_DIR = Path(__file__).resolve().parent.parent / "configs" / "prompts"
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ddspo_jax.world", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("prompts", help="write world_eval.jsonl, world_train.jsonl and world_dev.jsonl")
+    p = sub.add_parser("prompts", help="write world_eval.jsonl, world_train.jsonl, world_dev.jsonl and world_word_groups.json")
     p.add_argument("--out", default=str(PROMPT_DIR), help="folder (default: the shipped prompt folder)")
     p.add_argument("--train", type=int, default=2000, help="number of training captions")
     p.add_argument("--dev", type=int, default=200, help="number of dev captions (the five forms balanced)")
@@ -51,8 +55,10 @@ def main(argv=None) -> int:
     prompts.write_jsonl(ev, out / "world_eval.jsonl")
     prompts.write_jsonl(tr, out / "world_train.jsonl")
     prompts.write_jsonl(dev, out / "world_dev.jsonl")
+    write_text_atomic(out / "world_word_groups.json", json.dumps(prompts.word_groups(), indent=1) + "\n")
     print(f"world prompts: {len(ev)} evaluation prompts in {out / 'world_eval.jsonl'}, {len(tr)} training captions "
-          f"in {out / 'world_train.jsonl'}, {len(dev)} dev captions in {out / 'world_dev.jsonl'}")
+          f"in {out / 'world_train.jsonl'}, {len(dev)} dev captions in {out / 'world_dev.jsonl'}, word_swap groups in "
+          f"{out / 'world_word_groups.json'}")
     return 0
 
 

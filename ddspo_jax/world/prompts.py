@@ -142,6 +142,14 @@ def split_dev(pool: list[dict], n_dev: int, seed: int = 0) -> tuple[list[dict], 
     return [m for i, m in enumerate(pool) if i not in chosen], [pool[i] for i in dev_idx]
 
 
+def word_groups() -> dict[str, list[str]]:
+    """The world's vocabulary as word_swap groups (data.word_groups): a swap within a group keeps a caption
+    grammatical and in the world's caption space ("left" <-> "right" and "above" <-> "below" apart, so a
+    relation stays a relation phrase)."""
+    return {"color": list(COLORS), "shape": list(SHAPES), "shapes": [_plural(s) for s in SHAPES],
+            "number": [NUMBERS[n] for n in (2, 3, 4)], "side": ["left", "right"], "vertical": ["above", "below"]}
+
+
 def write_jsonl(lines: list[dict], path: str | os.PathLike) -> None:
     write_text_atomic(Path(path), "".join(json.dumps(m) + "\n" for m in lines))
 
