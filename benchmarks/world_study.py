@@ -365,7 +365,7 @@ def cmd_direction(st: Study, args):
     import jax.numpy as jnp
 
     from ddspo_jax.data.loader import PairLoader
-    from ddspo_jax.export import restore_trained_params
+    from ddspo_jax.checkpoint import restore_trained_params
 
     with PairLoader(st.work / "dev_records", batch_size=args.dev_pairs, shuffle=False, num_epochs=1,
                     dtype="float32") as loader:

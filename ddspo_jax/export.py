@@ -17,92 +17,15 @@ import shutil
 import sys
 from pathlib import Path
 
-from ddspo_jax.errors import UserError
+from ddspo_jax.checkpoint import (RunError, base_family, base_folder, lora_alpha, merge_trained,
+                                  restore_checkpoint_params, run_config)
+from ddspo_jax.errors import run_command
 from ddspo_jax.files import write_text_atomic
 
 
-class ExportError(UserError, RuntimeError):
-    """A user-facing export problem (bad run folder, missing step, non-empty output)."""
-
-
-def run_config(run: Path) -> dict:
-    path = run / "config.json"
-    if not path.is_file():
-        raise ExportError(f"{run} is not a training run folder: it has no config.json "
-                          "(python -m ddspo_jax.train writes one into its output_dir)")
-    return json.loads(path.read_text())
-
-
-def checkpoint_steps(run: Path) -> list[int]:
-    ckpts = run / "checkpoints"
-    steps = sorted(int(p.name) for p in ckpts.iterdir() if p.is_dir() and p.name.isdigit()) if ckpts.is_dir() else []
-    if not steps:
-        raise ExportError(f"{run} has no checkpoint under {ckpts} (train saves every train.checkpoint_every "
-                          "steps and at the end)")
-    return steps
-
-
-def restore_params(path: Path):
-    """The `params` item of a checkpoint as numpy, onto this host's first device, whatever mesh or process
-    count wrote it (Orbax reshards on read; only the params are read, not the optimizer state)."""
-    import jax
-    import numpy as np
-    import orbax.checkpoint as ocp
-
-    ckptr = ocp.StandardCheckpointer()
-    if not path.is_dir():
-        raise ExportError(f"{path.parent} holds no params item (a checkpoint written by an older version?)")
-    meta = ckptr.metadata(path.absolute()).item_metadata.tree
-    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), meta)
-    return jax.tree.map(np.asarray, ckptr.restore(path.absolute(), abstract))
-
-
-def restore_checkpoint_params(run: Path, step: int | None = None):
-    """(the checkpoint's trainable params as numpy: a UNet tree or LoRA factors, step, run config)."""
-    cfg = run_config(run)
-    steps = checkpoint_steps(run)
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise ExportError(f"{run} has no checkpoint for step {step}; available: {', '.join(map(str, steps))}")
-    return restore_params(run / "checkpoints" / str(step) / "params"), step, cfg
-
-
-def lora_alpha(cfg: dict) -> float:
-    return float(cfg["model"].get("lora_alpha") or cfg["model"]["lora_rank"])
-
-
-def base_family(base: Path):
-    """The Backbone class of a run's base model folder."""
-    from ddspo_jax.backbones import detect_family, family_class
-
-    return family_class(detect_family(base))
-
-
-def merge_trained(params, cfg: dict, base: Path, adapter: str = "w"):
-    """A checkpoint's trainable params -> the trained denoiser's params (numpy): LoRA factors merged into the
-    base (an sft_pair run: its `adapter`, "w" the winning or "l" the losing one). Host only: no collectives."""
-    import jax
-    import numpy as np
-
-    from ddspo_jax import lora
-
-    if cfg["model"].get("lora_rank", 0) <= 0:
-        return params
-    if cfg["train"].get("objective") == "sft_pair":
-        params = params[adapter]
-    _, base_params = base_family(base).load_denoiser(base, np.float32, np.float32)
-    return jax.tree.map(np.asarray, lora.merge(base_params, params, lora_alpha(cfg)))
-
-
-def restore_trained_params(run: Path, step: int | None = None, adapter: str = "w"):
-    """(params of the trained denoiser as numpy, step, run config, base folder); LoRA factors merged in."""
-    from ddspo_jax.backbones import resolve_path as resolve_model_path
-
-    params, step, cfg = restore_checkpoint_params(run, step)
-    base = resolve_model_path(cfg["model"]["path"], cfg["model"].get("family", ""))
-    return merge_trained(params, cfg, base, adapter), step, cfg, base
+class ExportError(RunError):
+    """A user-facing export problem (an output folder that may not be written); a bad run folder or a missing
+    step is checkpoint.RunError."""
 
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -112,11 +35,9 @@ def export_pair(run: Path, out: Path, step: int | None = None, log=print) -> Pat
     """An sft_pair run -> `<out>/winning/` and `<out>/losing/`, each a diffusers LoRA file."""
     import jax
 
-    from ddspo_jax.backbones import resolve_path as resolve_model_path
-
     params, step, cfg = restore_checkpoint_params(run, step)
     if jax.process_index() == 0:
-        family = base_family(resolve_model_path(cfg["model"]["path"], cfg["model"].get("family", "")))
+        family = base_family(base_folder(cfg))
         for name, key in (("winning", "w"), ("losing", "l")):
             family.export_lora(params[key], lora_alpha(cfg), out / name / LORA_FILE)
         write_text_atomic(out / EXPORT_MARK, json.dumps({"run": str(run.resolve()), "step": int(step)}) + "\n")
@@ -165,9 +86,7 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, step: int | None =
     raw, step, cfg = restore_checkpoint_params(run, step)  # every process of a multi-process run reads (the
     if jax.process_index() != 0:  # restore is collective) ... and process 0 writes
         return out
-    from ddspo_jax.backbones import resolve_path as resolve_model_path
-
-    base = resolve_model_path(cfg["model"]["path"], cfg["model"].get("family", ""))
+    base = base_folder(cfg)
     family = base_family(base)
     params = merge_trained(raw, cfg, base)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -213,8 +132,6 @@ def main(argv=None) -> int:
     ap.add_argument("--link", action="store_true", help="symlink the unchanged components instead of copying")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     a = ap.parse_args(argv)
-    from ddspo_jax.errors import run_command
-
     return run_command(export, a.run, a.out, step=a.step, dtype=a.dtype, unet_only=a.unet_only,
                        overwrite=a.overwrite, link=a.link)
 

@@ -19,11 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ddspo_jax import checkpoint
 from ddspo_jax.files import write_text_atomic
-
-
-def is_run_folder(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / "checkpoints").is_dir()
 
 
 def load_model(spec: str, *, dtype: str, step: int | None = None):
@@ -36,10 +33,8 @@ def load_model(spec: str, *, dtype: str, step: int | None = None):
     path = Path(spec)
     params = None
     mcfg = ml_collections.ConfigDict(base_config().model.to_dict())
-    if is_run_folder(path):
-        from ddspo_jax.export import restore_trained_params
-
-        params, _, run_cfg, base = restore_trained_params(path, step)
+    if checkpoint.is_run(path):
+        params, _, run_cfg, base = checkpoint.restore_trained_params(path, step)
         mcfg.path = str(base)
     else:
         mcfg.path = spec  # the family is detected from the folder (backbones.detect_family)
@@ -98,10 +93,8 @@ def model_identity(spec: str, step: int | None = None) -> dict:
     `step` is None), else the folder and the size / mtime of its weight files -- so a cache of images is
     not trusted after the run trained on or the weights were replaced."""
     path = Path(spec)
-    if is_run_folder(path):
-        from ddspo_jax.export import checkpoint_steps
-
-        return {"run": str(path.resolve()), "step": int(step if step is not None else checkpoint_steps(path)[-1])}
+    if checkpoint.is_run(path):
+        return {"run": str(path.resolve()), "step": int(step if step is not None else checkpoint.steps(path)[-1])}
     if not path.is_dir():
         return {"model": spec}
     files = sorted(p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin", ".msgpack") and p.is_file())

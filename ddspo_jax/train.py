@@ -125,35 +125,6 @@ def check_records(cfg, manifest, backbone) -> None:
                         "prepare records at this resolution or set prepare.resolution to theirs")
 
 
-def checkpoint_manager(out, cfg):
-    import orbax.checkpoint as ocp
-
-    opts = ocp.CheckpointManagerOptions(max_to_keep=cfg.train.keep_checkpoints, enable_async_checkpointing=True,
-                                        create=True)
-    path = out / "checkpoints"
-    return ocp.CheckpointManager(path if str(path).startswith("gs://") else path.absolute(), options=opts)
-
-
-def save_args(state, rng, loader_state):
-    """The checkpoint's items: `params` on its own (export and sampling restore only it), the rest of the
-    train state, the RNG key and the Grain iterator state."""
-    import orbax.checkpoint as ocp
-
-    rest = {k: v for k, v in state.items() if k != "params"}
-    return ocp.args.Composite(params=ocp.args.StandardSave(state["params"]), train=ocp.args.StandardSave(rest),
-                              rng=ocp.args.ArraySave(rng), loader=ocp.args.JsonSave(loader_state))
-
-
-def restore(mngr, step, abstract_state):
-    import orbax.checkpoint as ocp
-
-    rest = {k: v for k, v in abstract_state.items() if k != "params"}
-    out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_state["params"]),
-                                                     train=ocp.args.StandardRestore(rest),
-                                                     rng=ocp.args.ArrayRestore(), loader=ocp.args.JsonRestore()))
-    return {"state": {"params": out["params"], **out["train"]}, "rng": out["rng"], "loader": out["loader"]}
-
-
 @contextlib.contextmanager
 def out_of_memory_hint(cfg, mesh):
     """XLA's RESOURCE_EXHAUSTED (at compile or run time) -> one message naming the keys that lower memory."""
@@ -189,30 +160,6 @@ def compilation_cache(out) -> str | None:
     return folder
 
 
-def load_cpp_pair(cfg, base_unet, targets):
-    """(the {"w", "l"} LoRA factors of the sft_pair run `train.cpp_pair` at its latest step, their alpha);
-    errors name the folder and what is wrong with it."""
-    import jax
-
-    from ddspo_jax import lora
-    from ddspo_jax.export import checkpoint_steps, restore_params, run_config
-
-    run = Path(cfg.train.cpp_pair)
-    pair_cfg = run_config(run)
-    if pair_cfg.get("train", {}).get("objective") != "sft_pair":
-        raise ConfigError(f"train.cpp_pair={run}: that run's train.objective is "
-                          f"{pair_cfg.get('train', {}).get('objective')!r}, not 'sft_pair'")
-    if pair_cfg["model"]["path"] != cfg.model.path:
-        raise ConfigError(f"train.cpp_pair={run} was trained on model.path={pair_cfg['model']['path']!r}, this run "
-                          f"uses {cfg.model.path!r}: the pair's adapters only make sense on their own base")
-    params = restore_params(run / "checkpoints" / str(checkpoint_steps(run)[-1]) / "params")
-    want = jax.tree.map(lambda x: x.shape, lora.init(base_unet, pair_cfg["model"]["lora_rank"], jax.random.key(0), targets))
-    got = {k: jax.tree.map(lambda x: x.shape, params.get(k, {})) for k in ("w", "l")}
-    if got["w"] != want or got["l"] != want:
-        raise ConfigError(f"train.cpp_pair={run}: its adapters do not fit this base UNet's attention projections")
-    return params, float(pair_cfg["model"].get("lora_alpha") or pair_cfg["model"]["lora_rank"])
-
-
 def train(cfg, *, log=print) -> dict:
     """Runs (or resumes) the configured fine-tune; returns a summary dict."""
     import jax
@@ -222,7 +169,7 @@ def train(cfg, *, log=print) -> dict:
     from etils import epath
     from tqdm import tqdm
 
-    from ddspo_jax import lora, parallel
+    from ddspo_jax import checkpoint, parallel, trainable
     from ddspo_jax import step as step_lib
     from ddspo_jax.backbones import load_backbone
     from ddspo_jax.config import learning_rate
@@ -277,81 +224,28 @@ def train(cfg, *, log=print) -> dict:
     # ------------------------------------------------------------------ optimizer and train state
     lr = learning_rate(cfg)
     optimizer, lr_schedule = step_lib.make_optimizer(cfg, lr)
-    host_unet, backbone.params = backbone.params, None  # numpy; only shards go to devices
-    ref_dtype = jnp.dtype(cfg.model.ref_dtype or cfg.model.dtype)
-    ref_unet = parallel.shard_tree(jax.tree.map(lambda x: np.asarray(x).astype(ref_dtype), host_unet), mesh)
-    ref_params = {"unet": ref_unet}  # + "text" (token-ids records), + "pair" (DD-CPP): all frozen, all sharded
-    embed = lambda r, c, g: c  # noqa: E731
-    if "input_ids" in manifest.get("conditioning", {}):  # token-ids-only records: run the frozen encoders here
-        backbone.load_extras(text=True, vae=False)
-        text = jax.tree.map(lambda x: np.asarray(x).astype(ref_dtype), backbone.text_params)
-        ref_params["text"] = parallel.shard_tree(text, mesh)
-        embed = lambda r, c, g: backbone.embed_ids(g(r["text"], ("text",)), c)  # noqa: E731
-        log("records hold token ids: the step runs the frozen text encoder(s)")
-    pair_alpha = None
-    if cfg.train.cpp == "pair":  # DD-CPP: the frozen winning / losing adapters of an sft_pair run
-        pair, pair_alpha = load_cpp_pair(cfg, host_unet, backbone.lora_targets)
-        ref_params["pair"] = parallel.shard_tree(jax.tree.map(lambda x: np.asarray(x).astype(ref_dtype), pair), mesh)
-        log(f"DD-CPP targets from the trained pair in {cfg.train.cpp_pair} ({lora.count(pair):,} parameters)")
-
-    def base_denoise(r, x, t, c, gr, factors=None, alpha=1.0):
-        """The frozen base (blocks gathered per call), with LoRA terms x A B added where factors say."""
-        with lora.forward(factors, alpha):
-            return backbone.denoise(r["unet"], x, t, embed(r, c, gr), gather=gr.at("unet"))
-
-    def denoise_ref(r, x, t, c, gr, adapters=None):
-        if adapters is None:
-            return base_denoise(r, x, t, c, gr)
-        pair = gr(r["pair"], ("pair",))
-        return base_denoise(r, x, t, c, gr, lora.stack(*[None if a is None else pair[a] for a in adapters]),
-                            pair_alpha)
-
-    if cfg.model.lora_rank > 0:  # train low-rank factors on the frozen base, which is also the reference
-        alpha = cfg.model.lora_alpha or float(cfg.model.lora_rank)
-        rank, key0 = cfg.model.lora_rank, jax.random.key(cfg.seed + 1)
-        lora_init = lambda p, k: lora.init(p, rank, k, backbone.lora_targets, backbone.lora_a_std)  # noqa: E731
-        if cfg.train.objective == "sft_pair":  # the winning and losing adapters, trained side by side
-            factors = {"w": lora_init(host_unet, jax.random.fold_in(key0, 0)),
-                       "l": lora_init(host_unet, jax.random.fold_in(key0, 1))}
-            adapters_of = lambda f: lora.stack(f["w"], f["l"])  # noqa: E731  (x_t^w rows, then x_t^l rows)
-            merged_of = lambda f: f["w"]  # noqa: E731  (the sample grid shows the winning adapter)
-        else:
-            factors = lora_init(host_unet, key0)
-            adapters_of = merged_of = lambda f: f  # noqa: E731
-        trainable = parallel.shard_tree(factors, mesh)
-        log(f"LoRA rank {rank}: {lora.count(factors):,} trainable parameters")
-
-        def model_apply(p, r, x, t, c, gp, gr):  # x W + (x A) B: gradients and optimizer state for the factors only
-            return base_denoise(r, x, t, c, gr, adapters_of(gp(p)), alpha)
-        to_unet_params = jax.jit(lambda p, r: lora.merge(r["unet"], merged_of(p), alpha))
-    else:  # full fine-tune: float32 master weights, fsdp-sharded like the reference
-        trainable = parallel.shard_tree(host_unet, mesh)
-
-        def model_apply(p, r, x, t, c, gp, gr):
-            return backbone.denoise(p, x, t, embed(r, c, gr), gather=gp)
-        to_unet_params = lambda p, r: p  # noqa: E731
-    del host_unet
-
-    trainable_shape = jax.eval_shape(lambda: trainable)
-    state = step_lib.create_state(trainable, optimizer, mesh)
-    del trainable
+    model = trainable.build(cfg, backbone, mesh, manifest, log)
+    ref_params, to_unet_params = model.ref_params, model.to_unet_params
+    trainable_shape = jax.eval_shape(lambda: model.params)
+    state = step_lib.create_state(model.params, optimizer, mesh)
+    model.params = None  # the state holds them now
     rng = jax.random.key_data(jax.random.key(cfg.seed))
 
     # ------------------------------------------------------------------------- checkpoint / resume
-    mngr = checkpoint_manager(out, cfg)
+    mngr = checkpoint.manager(out, cfg)
     start = 0
     if mngr.latest_step() is not None:
         start = mngr.latest_step()
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        restored = restore(mngr, start, abstract)
+        restored = checkpoint.restore(mngr, start, abstract)
         state, rng = restored["state"], np.asarray(restored["rng"])
         loader.set_state(restored["loader"])
         log(f"resumed from {out / 'checkpoints'} at step {start}")
 
     # ----------------------------------------------------------------------------------- step
     cache = compilation_cache(out)
-    train_step = step_lib.make_train_step(denoise_ref, backbone.schedule, cfg, mesh, optimizer, trainable_shape,
-                                          ref_shape=jax.eval_shape(lambda: ref_params), model_apply=model_apply)
+    train_step = step_lib.make_train_step(model.denoise_ref, backbone.schedule, cfg, mesh, optimizer, trainable_shape,
+                                          ref_shape=jax.eval_shape(lambda: ref_params), model_apply=model.model_apply)
     # From host data: device_put of a process-local jax Array onto a mesh spanning processes is refused.
     key = jax.random.wrap_key_data(jax.device_put(np.asarray(rng), parallel.NamedSharding(mesh, parallel.P())))
     if k > 1:
@@ -387,7 +281,7 @@ def train(cfg, *, log=print) -> dict:
                 f"step {step_no} left non-finite weights (the update overflowed); they were not saved. The last "
                 f"checkpoint ({out / 'checkpoints'}, step {mngr.latest_step()}) holds a finite state. Lower "
                 "train.lr or train.beta and resume.")
-        mngr.save(step_no, args=save_args(state, np.asarray(rng), loader.get_state()), force=True)
+        mngr.save(step_no, args=checkpoint.save_args(state, np.asarray(rng), loader.get_state()), force=True)
 
     grid = SampleGrid(cfg, backbone, mesh, out, writer, log) if cfg.train.sample_every >= 0 else None
     evaluator = None

@@ -129,10 +129,11 @@ def test_user_errors_are_one_family():
     from ddspo_jax.convert.common import ConversionError
     from ddspo_jax.data.records import RecordError
     from ddspo_jax.errors import UserError
+    from ddspo_jax.checkpoint import RunError
     from ddspo_jax.export import ExportError
     from ddspo_jax.train import USER_ERRORS, OutOfMemory, TrainingDiverged
 
-    for cls in (ConfigError, ConversionError, RecordError, ExportError, TrainingDiverged, OutOfMemory):
+    for cls in (ConfigError, ConversionError, RecordError, RunError, ExportError, TrainingDiverged, OutOfMemory):
         assert issubclass(cls, UserError), cls
     assert USER_ERRORS == (UserError,) and not issubclass(ValueError, UserError)
 

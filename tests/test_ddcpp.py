@@ -166,7 +166,7 @@ def _own_mse(bb, params_w, params_l, src, n_draws=24):
 def test_sft_pair_fits_each_adapter_to_its_own_images_and_trains_only_factors(pair_run):
     from ddspo_jax.backbones import load_backbone
     from ddspo_jax.data.loader import PairSource
-    from ddspo_jax.export import restore_checkpoint_params
+    from ddspo_jax.checkpoint import restore_checkpoint_params
 
     cfg, summary = pair_run
     params, step, _ = restore_checkpoint_params(Path(cfg.output_dir))
@@ -229,7 +229,7 @@ def _np_ddspo(mw, ml, rw, rl, tw, tl, beta):
 
 
 def test_cpp_pair_step_loss_by_hand_and_zero_adapters_are_tf_cpp_with_c_minus_c():
-    from ddspo_jax import lora, parallel, step
+    from ddspo_jax import lora, parallel, step, trainable
     from ddspo_jax.backbones import load_backbone
     from ddspo_jax.config import base_config
 
@@ -248,10 +248,7 @@ def test_cpp_pair_step_loss_by_hand_and_zero_adapters_are_tf_cpp_with_c_minus_c(
              "cond_l": {"prompt_embeds": jnp.asarray(rng.standard_normal((n, 77, 32)), jnp.float32)}}
     ids, key = jnp.arange(n), jax.random.key(7)
 
-    def denoise_ref(r, x, t, c, g, adapters=None):  # as train.py builds it
-        factors = None if adapters is None else lora.stack(*[None if a is None else r["pair"][a] for a in adapters])
-        with lora.forward(factors, 2.0):
-            return bb.denoise(r["unet"], x, t, c)
+    _, denoise_ref = trainable.make_denoisers(bb, pair_alpha=2.0)  # the reference train.py's step calls
 
     def loss(cpp, pair, b):
         c = base_config()

@@ -28,7 +28,7 @@ def test_tiny_road_end_to_end(tmp_path):
     from PIL import Image
 
     from ddspo_jax.convert import load_unet
-    from ddspo_jax.export import restore_trained_params
+    from ddspo_jax.checkpoint import restore_trained_params
 
     res = run(tmp_path, "--config.train.steps=4")
     assert res.returncode == 0, res.stderr[-4000:]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ddspo_jax import export as ex
-from ddspo_jax import lora, train
+from ddspo_jax import checkpoint, lora
 from ddspo_jax.config import base_config
 from ddspo_jax.convert import load_unet
 from ddspo_jax.tiny import ensure_tiny_model
@@ -40,7 +40,7 @@ def fake_run(root, family, *, lora_rank=0, steps=(3, 5), mesh=None):
     run.mkdir()
     (run / "config.json").write_text(cfg.to_json_best_effort())
     _, base = load_unet(model_dir)
-    mngr = train.checkpoint_manager(run, cfg)
+    mngr = checkpoint.manager(run, cfg)
     expected = {}
     for s in steps:
         if lora_rank:
@@ -53,7 +53,7 @@ def fake_run(root, family, *, lora_rank=0, steps=(3, 5), mesh=None):
         if mesh is not None:
             p = parallel.shard_tree(p, mesh)
         state = {"params": p, "opt_state": {}, "step": jnp.int32(s)}
-        mngr.save(s, args=train.save_args(state, np.zeros(2, np.uint32), {"pos": s}), force=True)
+        mngr.save(s, args=checkpoint.save_args(state, np.zeros(2, np.uint32), {"pos": s}), force=True)
     mngr.wait_until_finished()
     mngr.close()
     return run, model_dir, expected
@@ -111,7 +111,7 @@ def test_export_step_dtype_lora_unet_only(tmp_path):
 
 def test_export_refuses_clearly(tmp_path, capsys):
     run, _, _ = fake_run(tmp_path, "sd")
-    with pytest.raises(ex.ExportError, match="no checkpoint for step 4; available: 3, 5"):
+    with pytest.raises(checkpoint.RunError, match="no checkpoint for step 4; available: 3, 5"):
         ex.export(run, tmp_path / "a", step=4)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep me")

@@ -114,7 +114,8 @@ def test_sana_road_export_loads_in_diffusers_with_our_output(tiny_sana, tmp_path
     from diffusers import SanaPipeline
 
     from ddspo_jax import sample
-    from ddspo_jax.export import export, restore_trained_params
+    from ddspo_jax.checkpoint import restore_trained_params
+    from ddspo_jax.export import export
 
     c = cfg_for(tmp_path, tiny_sana, steps=3, checkpoint_every=3)
     prepare.run_prepare(c, progress=False)
