@@ -160,6 +160,156 @@ def compilation_cache(out) -> str | None:
     return folder
 
 
+def open_records(cfg, mesh, backbone, main_process, log):
+    """(manifest, loader, micro-batches per step, pairs per micro-batch): the records checked against the
+    model (prepared first when absent and data.prompts names prompts), and this process's loader."""
+    import jax
+
+    from ddspo_jax import parallel
+    from ddspo_jax import step as step_lib
+    from ddspo_jax.data.loader import PairLoader
+    from ddspo_jax.data.records import read_manifest
+
+    if not (Path(cfg.data.records) / "manifest.json").is_file() and cfg.data.prompts:
+        log(f"no preference records in {cfg.data.records}: preparing them from {cfg.data.prompts} "
+            "(what `python -m ddspo_jax.prepare` does)")
+        from ddspo_jax.prepare import run_prepare
+
+        run_prepare(cfg, progress=main_process)
+    manifest = read_manifest(cfg.data.records)  # clear error (with how to create it) when missing
+    check_records(cfg, manifest, backbone)
+    n_proc = jax.process_count()
+    k, micro = step_lib.micro_batching(cfg, mesh)
+    if micro % n_proc:
+        raise ConfigError(f"a micro-batch of {micro} pairs is not divisible by the {n_proc} processes")
+    # The loader yields micro-batches (only one is on device at a time); each process reads only the contiguous
+    # block of every micro-batch that its devices hold, so the global batch (and the result) is the same for
+    # any process count and any micro-batch split.
+    if cfg.data.rand_cond != "none" and not cfg.data.extra_records:
+        raise ConfigError(f"data.rand_cond={cfg.data.rand_cond!r} needs data.extra_records (records of extra prompts)")
+    block, blocks = parallel.process_batch_block(mesh, micro)
+    loader = PairLoader(cfg.data.records, batch_size=micro // n_proc, seed=cfg.data.shuffle_seed,
+                        variant=cfg.data.variant, worker_count=cfg.data.worker_count, process_index=block,
+                        process_count=blocks, extra_dir=cfg.data.extra_records or None)
+    return manifest, loader, k, micro
+
+
+def write_run_config(out, cfg) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.json", cfg.to_json_best_effort(indent=2) + "\n")  # export reads it
+    except OSError as e:
+        raise ConfigError(f"output_dir {out} cannot be written ({e.strerror or e}); choose another "
+                          "config.output_dir") from None
+
+
+class Checkpoints:
+    """The run's checkpoints with train's guarantees: a state is saved only if its weights are finite, and
+    too many skipped (non-finite) steps in a row stop the run naming the last good checkpoint."""
+
+    def __init__(self, cfg, out):
+        import jax
+        import jax.numpy as jnp
+
+        from ddspo_jax import checkpoint
+
+        self.cfg, self.out, self.mngr = cfg, out, checkpoint.manager(out, cfg)
+        self.all_finite = jax.jit(lambda p: jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])))
+
+    def latest(self):
+        return self.mngr.latest_step()
+
+    def restore(self, step, state, loader):
+        """(state, rng) of `step`, laid out like `state`; the loader is moved to where that step left it."""
+        import jax
+        import numpy as np
+
+        from ddspo_jax import checkpoint
+
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        restored = checkpoint.restore(self.mngr, step, abstract)
+        loader.set_state(restored["loader"])
+        return restored["state"], np.asarray(restored["rng"])
+
+    def _diverged(self, what):
+        return TrainingDiverged(f"{what}; the last checkpoint ({self.out / 'checkpoints'}, step {self.latest()}) "
+                                "holds a finite state. Lower train.lr or train.beta and resume.")
+
+    def check_finite(self, state, step_no) -> int:
+        """Reads the on-device skip counters (before each save and log): the state itself is always finite."""
+        import jax
+
+        bad, skipped = (int(x) for x in jax.device_get((state["bad_run"], state["skipped"])))
+        if bad >= self.cfg.train.max_skipped_steps:
+            raise self._diverged(f"the last {bad} steps (to step {step_no}) had a non-finite loss or gradient and "
+                                 f"were skipped ({skipped} in all)")
+        return skipped
+
+    def save(self, step_no, state, rng, loader) -> None:
+        import jax
+        import numpy as np
+
+        from ddspo_jax import checkpoint
+
+        self.check_finite(state, step_no)
+        if not bool(jax.device_get(self.all_finite(state["params"]))):  # finite loss and gradients, yet the
+            raise self._diverged(f"step {step_no} left non-finite weights (the update overflowed); they were "  # update
+                                 "not saved")  # overflowed: never a checkpoint of non-finite weights
+        self.mngr.save(step_no, args=checkpoint.save_args(state, np.asarray(rng), loader.get_state()), force=True)
+
+
+def compile_step(train_step, cfg, mesh, args, k, barrier, cache, log):
+    """(grad_fn, update_fn, FLOPs per step from XLA's cost analysis): the step compiled ahead of time."""
+    import time as _time
+
+    import jax.numpy as jnp
+
+    from ddspo_jax import parallel
+
+    acc, state, ref_params, mb, key = args
+    with out_of_memory_hint(cfg, mesh):
+        tc = _time.time()
+        grad_fn = train_step.grad.lower(acc, state["params"], ref_params, mb, key, state["step"], jnp.int32(0)).compile()
+        update_fn = train_step.update.lower(state, acc).compile()
+        log(f"compiled the step in {_time.time() - tc:.1f} s" + (f" (cache: {cache})" if cache else ""))
+        parallel.barrier(barrier)  # the first step's collectives start together
+    cost = grad_fn.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return grad_fn, update_fn, float((cost or {}).get("flops", 0.0)) * k or None
+
+
+class StepLog:
+    """Every train.log_every steps: the step's metrics, lr, step time, pairs/s and MFU to TensorBoard and the
+    progress bar; a skipped step is said once."""
+
+    def __init__(self, cfg, writer, bar, lr_schedule, start, log):
+        self.cfg, self.writer, self.bar, self.lr_schedule, self.log = cfg, writer, bar, lr_schedule, log
+        self.start, self.t_last, self.pairs_last, self.skipped_seen = start, time.time(), 0, 0
+        self.flops = self.peak = None
+        self.last: dict = {}
+
+    def set_flops(self, flops, mesh):
+        import jax
+
+        peak = peak_flops(jax.devices()[0])
+        self.flops, self.peak = flops, (peak * mesh.size if (peak and flops) else None)
+
+    def __call__(self, step_no, metrics, step_time, skipped):
+        if skipped > self.skipped_seen:
+            self.log(f"step {step_no}: non-finite loss or gradient, update skipped ({skipped} so far)")
+            self.skipped_seen = skipped
+        now, pairs = time.time(), (step_no - self.start) * self.cfg.train.batch_size
+        scalars = {k: float(v) for k, v in metrics.items()}
+        scalars.update(lr=float(self.lr_schedule(step_no - 1)), step_time_s=step_time,
+                       pairs_per_s=(pairs - self.pairs_last) / max(now - self.t_last, 1e-9))
+        if self.flops and self.peak:
+            scalars["mfu"] = self.flops / max(step_time, 1e-9) / self.peak
+        self.writer.write_scalars(step_no, scalars)
+        self.last, self.t_last, self.pairs_last = scalars, now, pairs
+        self.bar.set_postfix(loss=f"{scalars['loss']:.4f}", **({"acc": f"{scalars['implicit_acc']:.2f}"}
+                                                                if "implicit_acc" in scalars else {}))
+
+
 def train(cfg, *, log=print) -> dict:
     """Runs (or resumes) the configured fine-tune; returns a summary dict."""
     import jax
@@ -169,12 +319,10 @@ def train(cfg, *, log=print) -> dict:
     from etils import epath
     from tqdm import tqdm
 
-    from ddspo_jax import checkpoint, parallel, trainable
+    from ddspo_jax import parallel, trainable
     from ddspo_jax import step as step_lib
     from ddspo_jax.backbones import load_backbone
     from ddspo_jax.config import learning_rate
-    from ddspo_jax.data.loader import PairLoader
-    from ddspo_jax.data.records import read_manifest
 
     # ---------------------------------------------------------------------------- runtime and mesh
     parallel.maybe_initialize_distributed(cfg.runtime.coordinator, cfg.runtime.num_processes, cfg.runtime.process_id)
@@ -191,35 +339,10 @@ def train(cfg, *, log=print) -> dict:
     backbone = load_backbone(cfg.model, cfg.schedule, text=False, vae=False, log=log)
 
     # ----------------------------------------------------------------------------------- data
-    if not (Path(cfg.data.records) / "manifest.json").is_file() and cfg.data.prompts:
-        log(f"no preference records in {cfg.data.records}: preparing them from {cfg.data.prompts} "
-            "(what `python -m ddspo_jax.prepare` does)")
-        from ddspo_jax.prepare import run_prepare
-
-        run_prepare(cfg, progress=main_process)
-    manifest = read_manifest(cfg.data.records)  # clear error (with how to create it) when missing
-    check_records(cfg, manifest, backbone)
-    n_proc = jax.process_count()
-    k, micro = step_lib.micro_batching(cfg, mesh)
-    if micro % n_proc:
-        raise ConfigError(f"a micro-batch of {micro} pairs is not divisible by the {n_proc} processes")
-    # The loader yields micro-batches (only one is on device at a time); each process reads only the contiguous
-    # block of every micro-batch that its devices hold, so the global batch (and the result) is the same for
-    # any process count and any micro-batch split.
-    block, blocks = parallel.process_batch_block(mesh, micro)
-    loader = PairLoader(cfg.data.records, batch_size=micro // n_proc, seed=cfg.data.shuffle_seed,
-                        variant=cfg.data.variant, worker_count=cfg.data.worker_count, process_index=block,
-                        process_count=blocks, extra_dir=cfg.data.extra_records or None)
-    if cfg.data.rand_cond != "none" and not cfg.data.extra_records:
-        raise ConfigError(f"data.rand_cond={cfg.data.rand_cond!r} needs data.extra_records (records of extra prompts)")
+    manifest, loader, k, micro = open_records(cfg, mesh, backbone, main_process, log)
 
     if main_process:  # after every check of the model and data: a refused run writes nothing
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(out / "config.json", cfg.to_json_best_effort(indent=2) + "\n")  # export reads it
-        except OSError as e:
-            raise ConfigError(f"output_dir {out} cannot be written ({e.strerror or e}); choose another "
-                              "config.output_dir") from None
+        write_run_config(out, cfg)
 
     # ------------------------------------------------------------------ optimizer and train state
     lr = learning_rate(cfg)
@@ -232,15 +355,12 @@ def train(cfg, *, log=print) -> dict:
     rng = jax.random.key_data(jax.random.key(cfg.seed))
 
     # ------------------------------------------------------------------------- checkpoint / resume
-    mngr = checkpoint.manager(out, cfg)
-    start = 0
-    if mngr.latest_step() is not None:
-        start = mngr.latest_step()
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        restored = checkpoint.restore(mngr, start, abstract)
-        state, rng = restored["state"], np.asarray(restored["rng"])
-        loader.set_state(restored["loader"])
+    ckpt = Checkpoints(cfg, out)
+    start = ckpt.latest()
+    if start is not None:
+        state, rng = ckpt.restore(start, state, loader)
         log(f"resumed from {out / 'checkpoints'} at step {start}")
+    start = start or 0
 
     # ----------------------------------------------------------------------------------- step
     cache = compilation_cache(out)
@@ -262,27 +382,6 @@ def train(cfg, *, log=print) -> dict:
     if start == 0:
         writer.write_hparams({k: v for k, v in _flat_hparams(cfg).items()})
 
-    def check_finite(step_no):
-        """Reads the on-device skip counters (before each save and log): the state itself is always finite."""
-        bad, skipped = (int(x) for x in jax.device_get((state["bad_run"], state["skipped"])))
-        if bad >= cfg.train.max_skipped_steps:
-            raise TrainingDiverged(
-                f"the last {bad} steps (to step {step_no}) had a non-finite loss or gradient and were skipped "
-                f"({skipped} in all); the last checkpoint ({out / 'checkpoints'}, step {mngr.latest_step()}) "
-                "holds a finite state. Lower train.lr or train.beta and resume.")
-        return skipped
-
-    all_finite = jax.jit(lambda p: jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])))
-
-    def save(step_no):
-        check_finite(step_no)
-        if not bool(jax.device_get(all_finite(state["params"]))):  # finite loss and gradients, yet the update
-            raise TrainingDiverged(  # overflowed: never a checkpoint of non-finite weights
-                f"step {step_no} left non-finite weights (the update overflowed); they were not saved. The last "
-                f"checkpoint ({out / 'checkpoints'}, step {mngr.latest_step()}) holds a finite state. Lower "
-                "train.lr or train.beta and resume.")
-        mngr.save(step_no, args=checkpoint.save_args(state, np.asarray(rng), loader.get_state()), force=True)
-
     grid = SampleGrid(cfg, backbone, mesh, out, writer, log) if cfg.train.sample_every >= 0 else None
     evaluator = None
     if cfg.train.eval_prompts:
@@ -291,32 +390,21 @@ def train(cfg, *, log=print) -> dict:
         evaluator = TrainingEval(cfg, backbone, mesh, writer, log)
 
     # ----------------------------------------------------------------------------------- loop
-    grad_fn = update_fn = flops = mfu_peak = None
-    t_last, pairs_last, skipped_seen = time.time(), 0, 0
-    acc = None
+    grad_fn = update_fn = flops = acc = None
     bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", disable=not main_process,
                dynamic_ncols=True)
-    step_no = start
-    last_eval, last_scalars = None, {}
+    steplog = StepLog(cfg, writer, bar, lr_schedule, start, log)
+    step_no, last_eval = start, None
     try:
         while step_no < cfg.train.steps:
             t0 = time.time()
             for j in range(k):  # one micro-batch on device at a time; the next one is read while this one runs
                 mb = parallel.put_batch({n: v for n, v in next(loader).items() if n in step_lib.step_keys(cfg)}, mesh)
                 if grad_fn is None:  # compile once (persistent cache); FLOPs from XLA's cost analysis
-                    with out_of_memory_hint(cfg, mesh):
-                        acc = train_step.zeros()
-                        tc = time.time()
-                        args = (acc, state["params"], ref_params, mb, key, state["step"], jnp.int32(0))
-                        grad_fn = train_step.grad.lower(*args).compile()
-                        update_fn = train_step.update.lower(state, acc).compile()
-                        log(f"compiled the step in {time.time() - tc:.1f} s" + (f" (cache: {cache})" if cache else ""))
-                        parallel.barrier(f"compiled-{start}")  # the first step's collectives start together
-                    cost = grad_fn.cost_analysis()
-                    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-                    flops = float((cost or {}).get("flops", 0.0)) * k or None
-                    peak = peak_flops(jax.devices()[0])
-                    mfu_peak = peak * mesh.size if (peak and flops) else None
+                    acc = train_step.zeros()
+                    grad_fn, update_fn, flops = compile_step(train_step, cfg, mesh, (acc, state, ref_params, mb, key),
+                                                             k, f"compiled-{start}", cache, log)
+                    steplog.set_flops(flops, mesh)
                 with out_of_memory_hint(cfg, mesh):
                     acc = grad_fn(acc, state["params"], ref_params, mb, key, state["step"], jnp.int32(j))
                 if j + 1 < k:
@@ -324,27 +412,10 @@ def train(cfg, *, log=print) -> dict:
             state, metrics = update_fn(state, acc)  # acc stays: the next first micro-batch overwrites it
             step_no += 1
             if step_no % cfg.train.log_every == 0 or step_no == cfg.train.steps:
-                metrics = jax.device_get(metrics)
-                step_time = time.time() - t0
-                skipped = check_finite(step_no)
-                if skipped > skipped_seen:
-                    log(f"step {step_no}: non-finite loss or gradient, update skipped ({skipped} so far)")
-                    skipped_seen = skipped
-                now = time.time()
-                pairs = (step_no - start) * cfg.train.batch_size
-                scalars = {k_: float(v) for k_, v in metrics.items()}
-                scalars.update(lr=float(lr_schedule(step_no - 1)), step_time_s=step_time,
-                               pairs_per_s=(pairs - pairs_last) / max(now - t_last, 1e-9))
-                if flops and mfu_peak:
-                    scalars["mfu"] = flops / max(step_time, 1e-9) / mfu_peak
-                writer.write_scalars(step_no, scalars)
-                last_scalars = scalars
-                t_last, pairs_last = now, pairs
-                bar.set_postfix(loss=f"{scalars['loss']:.4f}", **({"acc": f"{scalars['implicit_acc']:.2f}"}
-                                                                  if "implicit_acc" in scalars else {}))
+                steplog(step_no, jax.device_get(metrics), time.time() - t0, ckpt.check_finite(state, step_no))
             bar.update(1)
             if step_no % cfg.train.checkpoint_every == 0 or step_no == cfg.train.steps:
-                save(step_no)
+                ckpt.save(step_no, state, rng, loader)
             if grid is not None and (step_no == cfg.train.steps or
                                      (cfg.train.sample_every > 0 and step_no % cfg.train.sample_every == 0)):
                 grid(step_no, ref_params["unet"], to_unet_params(state["params"], ref_params))
@@ -354,27 +425,27 @@ def train(cfg, *, log=print) -> dict:
                 if summary_eval is not None:
                     last_eval = summary_eval
             if stop["signal"] is not None:
-                save(step_no)
-                mngr.wait_until_finished()
+                ckpt.save(step_no, state, rng, loader)
+                ckpt.mngr.wait_until_finished()
                 log(f"received signal {stop['signal']}: saved step {step_no} to {out / 'checkpoints'}; exiting")
                 sys.exit(128 + stop["signal"])
     finally:
         bar.close()
         signal.signal(signal.SIGTERM, previous)
-        mngr.wait_until_finished()
+        ckpt.mngr.wait_until_finished()
         writer.flush()
         loader.close()
     eval_summary = evaluator.summary(step_no) if evaluator is not None and main_process else None
     if eval_summary is not None:  # the end-of-run evaluation is kept, not only printed
         write_text_atomic(out / "summary.json", json.dumps(eval_summary, indent=1) + "\n")
     summary = {"steps": step_no, "resumed_from": start, "output_dir": str(out), "eval": last_eval,
-               "metrics": last_scalars,
+               "metrics": steplog.last,
                "eval_reference": evaluator.reference if evaluator is not None else None,
-               "checkpoint": str(out / "checkpoints" / str(mngr.latest_step())), "flops_per_step": flops,
+               "checkpoint": str(out / "checkpoints" / str(ckpt.latest())), "flops_per_step": flops,
                "params": state["params"], "records": str(cfg.data.records),
                "samples": str(out / "samples") if grid is not None and grid.written else None, "export": None,
                "pipeline": backbone.pipeline_class, "eval_table": evaluator.table() if evaluator is not None else None}
-    mngr.close()
+    ckpt.mngr.close()
     if cfg.train.export_at_end:  # every process takes part in the restore; process 0 writes
         from ddspo_jax.export import export
 
