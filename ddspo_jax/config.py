@@ -337,12 +337,11 @@ def check_override_keys(argv: list[str], flag: str = "config") -> None:
 
 
 def _user_exit(message: str):
-    import sys
+    """A mistake found before the command's body runs (its flags are checked at import): the same handler."""
+    from ddspo_jax.errors import user_exits
 
-    from ddspo_jax.errors import USER_ERROR_EXIT
-
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(USER_ERROR_EXIT)
+    with user_exits():
+        raise ConfigError(message)
 
 
 def check_config_file(argv: list[str], flag: str = "config") -> None:

@@ -39,29 +39,23 @@ def debug() -> bool:
     return bool(os.environ.get("DDSPO_DEBUG"))
 
 
-def run_command(fn, *args, **kwargs) -> int:
-    """A command's body -> its exit code: a user mistake prints one line and returns USER_ERROR_EXIT (2;
-    DDSPO_DEBUG=1 re-raises);
-    anything else is a bug and keeps its traceback."""
-    import sys
-
-    try:
-        fn(*args, **kwargs)
-    except UserError as e:
-        if debug():
-            raise
-        print(one_line(e), file=sys.stderr)
-        return USER_ERROR_EXIT
-    return 0
-
-
 USER_ERROR_EXIT = 2  # every command: a user mistake exits 2 (argparse's code for a usage error)
 
 
+def user_message(e: BaseException) -> str | None:
+    """The one line a command prints for `e`, or None when `e` is a bug (it keeps its traceback): a UserError,
+    or a SystemExit carrying a message (config loading, prepare's checks)."""
+    if isinstance(e, UserError):
+        return one_line(e)
+    if isinstance(e, SystemExit) and isinstance(e.code, str):
+        return e.code if e.code.startswith("error:") else f"error: {e.code}"
+    return None
+
+
 class user_exits:
-    """`with user_exits():` around a command's body: a UserError, or a SystemExit carrying a message (config
-    loading, prepare's checks), prints one line and exits USER_ERROR_EXIT like `run_command`; with DDSPO_DEBUG=1
-    the traceback is printed first."""
+    """The one handler of every command: `with user_exits():` around its body turns a user mistake into one
+    line on stderr and exit USER_ERROR_EXIT (2); with DDSPO_DEBUG=1 the traceback is printed first. Anything
+    else is a bug and keeps its traceback."""
 
     def __enter__(self):
         return self
@@ -70,15 +64,22 @@ class user_exits:
         import sys
         import traceback
 
-        if e is None:
-            return False
-        if isinstance(e, UserError):
-            message = one_line(e)
-        elif isinstance(e, SystemExit) and isinstance(e.code, str):
-            message = e.code if e.code.startswith("error:") else f"error: {e.code}"
-        else:
+        message = None if e is None else user_message(e)
+        if message is None:
             return False
         if debug():
             traceback.print_exception(kind, e, tb)
         print(message, file=sys.stderr)
         raise SystemExit(USER_ERROR_EXIT) from None
+
+
+def run_command(fn, *args, **kwargs) -> int:
+    """`user_exits` for a command whose `main()` returns its exit code: fn's user mistake -> 2, else 0."""
+    try:
+        with user_exits():
+            fn(*args, **kwargs)
+    except SystemExit as e:
+        if e.code != USER_ERROR_EXIT:
+            raise
+        return USER_ERROR_EXIT
+    return 0

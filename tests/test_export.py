@@ -12,7 +12,7 @@ from ddspo_jax import export as ex
 from ddspo_jax import checkpoint, lora
 from ddspo_jax.config import base_config
 from ddspo_jax.convert import load_unet
-from ddspo_jax.tiny import ensure_tiny_model
+from ddspo_jax.backbones import ensure_tiny_model
 
 
 def hand_merge(base, factors, alpha):

@@ -399,3 +399,27 @@ def test_prepare_says_when_llm_rewrites_fell_back(tmp_path, monkeypatch, capsys)
     prepare.run_prepare(validate(c), progress=False)
     err = capsys.readouterr().err
     assert "2 LLM rewrite(s) failed and fell back to random_removal" in err, err
+
+
+def test_every_jsonl_reader_names_the_file_line_and_key(tmp_path):
+    """One reader (files.iter_jsonl) behind prompts, preference folders, the authors' release and the shapes
+    scorer: a line missing a key is one DataError naming file:line and the key, for each of them."""
+    from ddspo_jax.data.preferences import iter_preferences
+    from ddspo_jax.data.prompts import load_prompts
+    from ddspo_jax.data.records import import_authors_release
+    from ddspo_jax.scoring import make_scorer
+
+    good = {"prompt": "a photo of a ring", "include": [{"class": "ring", "count": 1}],
+            "preferred": "a.png", "dispreferred": "b.png", "neg_prompt": "x", "pos_file": "p.npy"}
+    cases = [("prompts.jsonl", "prompt", lambda p: load_prompts(p)),
+             ("preferences.jsonl", "dispreferred", lambda p: list(iter_preferences(p.parent))),
+             ("metadata.jsonl", "pos_file", lambda p: import_authors_release(p.parent, tmp_path / "out",
+                                                                           encode=lambda t: {})),
+             ("meta.jsonl", "include", lambda p: make_scorer("shapes", str(p)))]
+    for name, key, read in cases:
+        folder = tmp_path / name.split(".")[0]
+        folder.mkdir()
+        bad = {k: v for k, v in good.items() if k != key}
+        (folder / name).write_text(json.dumps(good) + "\n\n" + json.dumps(bad) + "\n")
+        with pytest.raises(DataError, match=rf"{name}:3: field '{key}' missing"):
+            read(folder / name)

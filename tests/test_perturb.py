@@ -9,6 +9,7 @@ import pytest
 
 from ddspo_jax.data import perturb as P
 from ddspo_jax.data.prompts import load_prompts
+from ddspo_jax.errors import DataError
 
 WORDS = "a red cat dog sitting on the blue chair under sun in garden with tall green trees old man".split()
 
@@ -31,13 +32,13 @@ def test_load_prompts_text_jsonl_csv(tmp_path):
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     prompts, st = load_prompts(tmp_path / "p.jsonl", field="caption")
     assert prompts == ["x y", "z"] and st.empty == 2 and st.duplicates == 1
-    with pytest.raises(KeyError, match="'prompt'.*p.jsonl|p.jsonl.*'prompt'"):
+    with pytest.raises(DataError, match="'prompt'.*p.jsonl|p.jsonl.*'prompt'"):
         load_prompts(tmp_path / "p.jsonl")
 
     (tmp_path / "p.csv").write_text('id,text\n1,"hello, world"\n2,foo\n3,\n')
     prompts, st = load_prompts(tmp_path / "p.csv", field="text")
     assert prompts == ["hello, world", "foo"] and st.empty == 1
-    with pytest.raises(KeyError, match="column 'caption' missing"):
+    with pytest.raises(DataError, match="column 'caption' missing"):
         load_prompts(tmp_path / "p.csv", field="caption")
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         load_prompts(tmp_path / "nope.txt")

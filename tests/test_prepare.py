@@ -16,7 +16,8 @@ from ddspo_jax import config as config_lib
 from ddspo_jax import prepare
 from ddspo_jax.data.loader import PairLoader, PairSource
 from ddspo_jax.data.records import read_manifest
-from ddspo_jax.tiny import TINY_PROMPTS, ensure_tiny_model
+from ddspo_jax.backbones import ensure_tiny_model
+from ddspo_jax.backbones.tiny import TINY_PROMPTS
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from ddspo_jax import sample
-from ddspo_jax.tiny import TINY_PROMPTS, ensure_tiny_model
+from ddspo_jax.backbones import ensure_tiny_model
+from ddspo_jax.backbones.tiny import TINY_PROMPTS
 
 
 @pytest.fixture(scope="module")

@@ -151,7 +151,7 @@ def test_tiny_unet_ddim_matches_diffusers_pipeline_loop(tmp_path):
     from ddspo_jax.backbones import schedule_from_folder
     from ddspo_jax.backbones.sd import SD1Backbone
     from ddspo_jax.convert import load_unet
-    from ddspo_jax.tiny import ensure_tiny_model
+    from ddspo_jax.backbones import ensure_tiny_model
 
     folder = ensure_tiny_model(tmp_path / "tiny")
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)

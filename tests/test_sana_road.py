@@ -16,7 +16,8 @@ from ddspo_jax.configs.sana import get_config
 from ddspo_jax.data.loader import PairSource
 from ddspo_jax.data.records import read_manifest
 from ddspo_jax.errors import ModelError
-from ddspo_jax.tiny import TINY_PROMPTS, ensure_tiny_model
+from ddspo_jax.backbones import ensure_tiny_model
+from ddspo_jax.backbones.tiny import TINY_PROMPTS
 
 
 @pytest.fixture(scope="module")

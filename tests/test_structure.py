@@ -63,6 +63,60 @@ def test_scorers_import_no_commands_data_or_step(path):
     assert not bad, f"{path.name} imports {bad}"
 
 
+def _graph() -> dict[str, set[str]]:
+    """module -> the package modules it imports (at any depth; a submodule import is not an edge to its
+    package, which Python runs first anyway)."""
+    mods = {".".join(f.relative_to(PKG.parent).with_suffix("").parts).removesuffix(".__init__"): f
+            for f in PKG.rglob("*.py")}
+    return {m: {d for d in imports(f) if d in mods and d != m} for m, f in mods.items()}
+
+
+def test_the_import_graph_has_no_cycle():
+    graph, state, cycle = _graph(), {}, []
+
+    def visit(m, path):
+        state[m] = "open"
+        for d in sorted(graph[m]):
+            if state.get(d) == "open":
+                cycle.append(path[path.index(d):] + [d] if d in path else [m, d])
+            elif d not in state:
+                visit(d, path + [d])
+        state[m] = "done"
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycle, cycle
+
+
+def test_no_arrow_up_to_a_command_or_the_world():
+    """The library (models, ports, data, step, backbones, scoring, ...) imports no command and nothing of the
+    scene world; the world plugs its judge into scoring by name (scoring.PLUGINS)."""
+    top = {f"ddspo_jax.{c}" for c in COMMANDS}
+    upper = lambda m: m in top or m == "ddspo_jax.world" or m.startswith("ddspo_jax.world.")  # noqa: E731
+    bad = {m: sorted(d for d in deps if upper(d)) for m, deps in _graph().items() if not upper(m)}
+    assert not {m: d for m, d in bad.items() if d}
+
+
+ALL_COMMANDS = COMMANDS + ("world",)
+
+
+@pytest.mark.parametrize("cmd", ALL_COMMANDS)
+def test_every_command_explains_itself_and_refuses_a_mistake_in_one_line(cmd, tmp_path):
+    """`--help` prints the command's purpose; an unknown argument is one line on stderr, exit 2, no traceback."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("DDSPO_DEBUG", None)
+    res = subprocess.run([sys.executable, "-m", f"ddspo_jax.{cmd}", "--help"], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path, env=env)
+    doc = ast.get_docstring(ast.parse((PKG / (f"{cmd}.py" if cmd != "world" else "world/__main__.py")).read_text()))
+    first = doc.split("\n")[0].split(":")[0].strip()[:30]
+    assert res.returncode in (0, 1) and first in res.stdout + res.stderr, (first, res.stdout[-800:], res.stderr[-800:])
+    res = subprocess.run([sys.executable, "-m", f"ddspo_jax.{cmd}", "--no-such-flag"], capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path, env=env)
+    err = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode in (1, 2) and "Traceback" not in res.stderr and err, res.stderr[-1500:]
+    assert "error" in err[-1].lower() or "error" in err[0].lower(), res.stderr[-800:]  # argparse: usage, then the line
+
+
 def test_no_family_strings_in_the_step():
     src = (PKG / "step.py").read_text()
     assert "sdxl" not in src and '"sd"' not in src

@@ -10,17 +10,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddspo_jax import tiny
+from ddspo_jax import backbones
+from ddspo_jax.backbones import tiny as tiny_parts
 
 
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory):
-    return tiny.ensure_tiny_model(tmp_path_factory.mktemp("tiny") / "sd")
+    return backbones.ensure_tiny_model(tmp_path_factory.mktemp("tiny") / "sd")
 
 
 @pytest.fixture(scope="module")
 def tiny_xl(tmp_path_factory):
-    return tiny.ensure_tiny_model(tmp_path_factory.mktemp("tiny") / "sdxl", family="sdxl")
+    return backbones.ensure_tiny_model(tmp_path_factory.mktemp("tiny") / "sdxl", family="sdxl")
 
 
 def _files(folder):
@@ -28,7 +29,7 @@ def _files(folder):
 
 
 def test_two_builds_are_byte_identical(tiny_sd, tmp_path):
-    other = tiny.build_tiny_model(tmp_path / "again")
+    other = backbones.build_tiny_model(tmp_path / "again")
     assert _files(tiny_sd) == _files(other)
     for f in _files(tiny_sd):
         assert filecmp.cmp(tiny_sd / f, other / f, shallow=False), f
@@ -39,27 +40,27 @@ def test_two_builds_are_byte_identical(tiny_sd, tmp_path):
 
 def test_ensure_is_cached_and_refuses_foreign_folders(tiny_sd, tmp_path):
     stamp = (tiny_sd / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
-    assert tiny.ensure_tiny_model(tiny_sd) == tiny_sd
+    assert backbones.ensure_tiny_model(tiny_sd) == tiny_sd
     assert (tiny_sd / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp
     assert not [p for p in tiny_sd.parent.iterdir() if ".tmp-" in p.name]  # the temp build folder is gone
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "something.txt").write_text("x")
     with pytest.raises(FileExistsError, match="foreign"):
-        tiny.ensure_tiny_model(foreign)
+        backbones.ensure_tiny_model(foreign)
     with pytest.raises(FileExistsError, match="sdxl"):  # the sd folder is not the sdxl model
-        tiny.ensure_tiny_model(tiny_sd, family="sdxl")
+        backbones.ensure_tiny_model(tiny_sd, family="sdxl")
 
 
 def test_shipped_prompts_and_single_token_words(tiny_sd):
     from ddspo_jax.backbones.text import load_tokenizer
 
-    lines = tiny.TINY_PROMPTS.read_text().splitlines()
-    assert lines == tiny.compose_prompts()  # the committed file is what the generator makes
+    lines = tiny_parts.TINY_PROMPTS.read_text().splitlines()
+    assert lines == tiny_parts.compose_prompts()  # the committed file is what the generator makes
     assert 300 <= len(lines) == len(set(lines))
     tok = load_tokenizer(tiny_sd / "tokenizer")
     world = [json.loads(x)["prompt"] for f in ("world_eval.jsonl", "world_train.jsonl")
-             for x in (tiny.TINY_PROMPTS.parent / f).read_text().splitlines()]
+             for x in (tiny_parts.TINY_PROMPTS.parent / f).read_text().splitlines()]
     words = sorted({w for line in lines + world for w in re.findall(r"[a-z]+", line)})
     assert {"circle", "circles", "ring", "rings", "triangle", "squares"} <= set(words)
     for w in words:

@@ -8,7 +8,8 @@ from ddspo_jax import prepare, train
 from ddspo_jax.config import base_config, validate
 from ddspo_jax.data.loader import PairSource
 from ddspo_jax.data.records import read_manifest
-from ddspo_jax.tiny import TINY_PROMPTS, ensure_tiny_model
+from ddspo_jax.backbones import ensure_tiny_model
+from ddspo_jax.backbones.tiny import TINY_PROMPTS
 
 
 @pytest.mark.parametrize("family", ["sd", pytest.param("sdxl", marks=pytest.mark.slow)])  # sdxl: slow (95 s)

@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddspo_jax.backbones import Backbone
+from ddspo_jax.backbones.base import Backbone
 from ddspo_jax.convert.common import ConversionError
 from ddspo_jax.convert.sana import LORA_TARGETS
-from ddspo_jax.tiny import FAKE_DIFFUSERS_VERSION
+from ddspo_jax.backbones.tiny import FAKE_DIFFUSERS_VERSION
 
 COMPLEX_HUMAN_INSTRUCTION = (
     "Given a user prompt, generate an 'Enhanced prompt' that provides detailed visual descriptions suitable for "
@@ -216,7 +216,7 @@ class SanaBackbone(Backbone):
         from ddspo_jax.models.dcae import AutoencoderDC, DCAEConfig
         from ddspo_jax.models.gemma import Gemma2Config, Gemma2Model
         from ddspo_jax.models.sana import SanaTransformer2DModel
-        from ddspo_jax.tiny import fill_params, write_json
+        from ddspo_jax.backbones.tiny import fill_params, write_json
 
         vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4, "\u2581": 5}
         for ch in sorted(set(_TINY_CHARS) - {" "}):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ddspo_jax.backbones import Backbone
+from ddspo_jax.backbones.base import Backbone
 from ddspo_jax.backbones.text import _default_resolution
-from ddspo_jax.tiny import FAKE_DIFFUSERS_VERSION
+from ddspo_jax.backbones.tiny import FAKE_DIFFUSERS_VERSION
 
 
 
@@ -104,7 +104,7 @@ class SD1Backbone(Backbone):
 
     @classmethod
     def _tiny_encoders(cls):
-        from ddspo_jax.tiny import EOS
+        from ddspo_jax.backbones.tiny import EOS
 
         return [("text_encoder", "tokenizer", False, "quick_gelu", EOS)]
 
@@ -116,7 +116,7 @@ class SD1Backbone(Backbone):
         from ddspo_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
         from ddspo_jax.models.unet import UNet2DConditionModel
         from ddspo_jax.models.vae import AutoencoderKL
-        from ddspo_jax.tiny import clip_text_config, fill_params, write_clip_tokenizer, write_json
+        from ddspo_jax.backbones.tiny import clip_text_config, fill_params, write_clip_tokenizer, write_json
 
         unet_cfg = cls._tiny_unet()
         export_unet(unet_cfg, fill_params(UNet2DConditionModel.from_config(unet_cfg).init_shapes(), seed),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import os
 from pathlib import Path
 from typing import Iterator
@@ -21,6 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from ddspo_jax.errors import DataError, MissingFileError
+from ddspo_jax.files import iter_jsonl
 
 LABELS = {(1, 0), (0, 1), (0.5, 0.5)}  # (label_0, label_1) of a Pick-a-Pic row
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
@@ -85,22 +85,12 @@ def iter_preferences(src: str | os.PathLike) -> Iterator[Preference | Dropped]:
 
 def _iter_folder(src: Path) -> Iterator[Preference | Dropped]:
     path = src / "preferences.jsonl"
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                e = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(e, dict):
-                raise DataError(f"{path}:{lineno}: a JSON object is expected, got {type(e).__name__}")
-            for key in ("prompt", "preferred", "dispreferred"):
-                if not isinstance(e.get(key), str):
-                    raise DataError(f"{path}:{lineno}: field {key!r} " + ("missing" if key not in e else
-                                                                        f"must be a string, got {e[key]!r}"))
-            yield Preference(str(e.get("id", f"{path.name}:{lineno}")), e["prompt"], str(src / e["preferred"]),
-                             str(src / e["dispreferred"]))
+    for lineno, e in iter_jsonl(path, ("prompt", "preferred", "dispreferred")):
+        for key in ("prompt", "preferred", "dispreferred"):
+            if not isinstance(e[key], str):
+                raise DataError(f"{path}:{lineno}: field {key!r} must be a string, got {e[key]!r}")
+        yield Preference(str(e.get("id", f"{path.name}:{lineno}")), e["prompt"], str(src / e["preferred"]),
+                         str(src / e["dispreferred"]))
 
 
 def load_image(data: bytes | str, resolution: int) -> np.ndarray:

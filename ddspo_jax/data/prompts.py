@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 from collections.abc import Iterable, Iterator
 
 from ddspo_jax.errors import DataError, MissingFileError
+from ddspo_jax.files import iter_jsonl
 
 __all__ = ["PromptStats", "load_prompts", "iter_raw_prompts", "clean_prompts"]
 
@@ -67,25 +67,17 @@ def iter_raw_prompts(path: str | os.PathLike, *, field: str | None = None, forma
             for line in f:
                 yield line.rstrip("\n")
     elif kind == "jsonl":
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    yield None
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict) or name not in row:
-                    raise KeyError(f"{path}:{lineno}: field {name!r} missing (pass field= to choose another; "
-                                   f"keys here: {sorted(row) if isinstance(row, dict) else type(row).__name__})")
-                value = row[name]
-                yield None if value is None else str(value)
+        for lineno, row in iter_jsonl(path, blank=True):
+            if row is not None and name not in row:
+                raise DataError(f"{path}:{lineno}: field {name!r} missing (pass field= to choose another; "
+                                f"keys here: {sorted(row)})")
+            value = None if row is None else row[name]
+            yield None if value is None else str(value)
     elif kind == "csv":
         with open(path, encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f, delimiter="\t" if path.lower().endswith(".tsv") else ",")
             if reader.fieldnames is None or name not in reader.fieldnames:
-                raise KeyError(f"{path}: column {name!r} missing (pass field= to choose another; "
+                raise DataError(f"{path}: column {name!r} missing (pass field= to choose another; "
                                f"columns: {reader.fieldnames})")
             for row in reader:
                 yield row[name]
@@ -97,7 +89,7 @@ def iter_raw_prompts(path: str | os.PathLike, *, field: str | None = None, forma
                               "`pip install pyarrow` (or convert the file to JSONL/CSV)") from None
         schema = pq.read_schema(path)
         if name not in schema.names:
-            raise KeyError(f"{path}: column {name!r} missing (pass field= to choose another; columns: "
+            raise DataError(f"{path}: column {name!r} missing (pass field= to choose another; columns: "
                            f"{schema.names})")
         for value in pq.read_table(path, columns=[name]).column(name).to_pylist():
             yield None if value is None else str(value)

@@ -40,6 +40,7 @@ import numpy as np
 from flax import serialization
 
 from ddspo_jax.errors import DataError, MissingFileError
+from ddspo_jax.files import iter_jsonl
 
 __all__ = [
     "SCHEMA_VERSION", "FORMAT", "KINDS", "PairRecord", "encode_record", "decode_record", "RecordError",
@@ -325,22 +326,10 @@ def import_authors_release(src: str | os.PathLike, out: str | os.PathLike, encod
     if not os.path.isfile(meta_path):
         raise MissingFileError(f"{meta_path} not found: not an authors' release folder")
     entries = []
-    with open(meta_path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                e = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{meta_path}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(e, dict):
-                raise DataError(f"{meta_path}:{lineno}: a JSON object is expected, got {type(e).__name__}")
-            for key in ("prompt", "neg_prompt", "pos_file"):
-                if key not in e:
-                    raise DataError(f"{meta_path}:{lineno}: field {key!r} missing")
-            entries.append(e)
-            if limit is not None and len(entries) >= limit:
-                break
+    for _, e in iter_jsonl(meta_path, ("prompt", "neg_prompt", "pos_file")):
+        entries.append(e)
+        if limit is not None and len(entries) >= limit:
+            break
     has_neg = [bool(e.get("neg_file")) for e in entries]
     if any(has_neg) and not all(has_neg):
         raise DataError(f"{meta_path}: some lines have neg_file and some do not; split them into two datasets")

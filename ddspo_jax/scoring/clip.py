@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddspo_jax.errors import MissingFileError, ModelError
-from ddspo_jax.scoring import register
+from ddspo_jax.scoring.registry import register
 
 # ---------------------------------------------------------------------------------- preprocessing
 

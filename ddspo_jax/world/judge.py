@@ -15,9 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 
+from pathlib import Path
+
 import numpy as np
 from scipy import ndimage
 
+from ddspo_jax.errors import DataError, MissingFileError
+from ddspo_jax.files import iter_jsonl
+from ddspo_jax.scoring.registry import register
 from ddspo_jax.world.scenes import BACKGROUND, PALETTE
 
 FG_DISTANCE = 0.4  # RGB distance from the background that makes a pixel foreground (palette: >= 0.8)
@@ -125,3 +130,36 @@ def judge(image: np.ndarray, meta: dict) -> tuple[bool, str]:
         if n >= q["count"]:
             return False, f"{n} {q['class']} found, fewer than {q['count']} wanted"
     return True, "correct"
+
+
+# ------------------------------------------------------------------------------------------ the scorer
+# `shapes`: GenEval's verdict on the scene world, from the pixels. The prompt file must be in GenEval's metadata
+# format (JSONL lines with tag / prompt / include / exclude, e.g. ddspo_jax/configs/prompts/world_eval.jsonl);
+# each image scores 1 when its metadata line holds, else 0, and `evaluate` reports per-tag accuracies with Wilson
+# intervals and the overall as GenEval does (mean of tags). Registered as a plugin (ddspo_jax.scoring.PLUGINS).
+
+
+@register("shapes")
+class Shapes:
+    name, unit, binary = "shapes", "GenEval accuracy", True
+
+    def __init__(self, path=None, prompts_path: str | None = None, **_):
+        src = Path(path or prompts_path or "")
+        if not src.is_file():
+            raise MissingFileError(f"scorer 'shapes' needs the GenEval-format metadata of the prompts (the "
+                                   f"--prompts .jsonl, or --scorer-path); {src} is not a file")
+        self.meta = {m["prompt"]: m for _, m in iter_jsonl(src, ("prompt", "include"))}
+
+    def _line(self, prompt):
+        if prompt not in self.meta:
+            raise DataError(f"prompt {prompt!r} has no metadata line in the shapes scorer's file")
+        return self.meta[prompt]
+
+    def tag(self, prompt: str) -> str:
+        return self._line(prompt).get("tag", "all")
+
+    def score(self, images, prompts):
+        out = []
+        for img, p in zip(np.asarray(images), prompts):
+            out.append(1.0 if judge(img, self._line(p))[0] else 0.0)
+        return np.asarray(out)

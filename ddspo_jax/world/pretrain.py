@@ -9,7 +9,7 @@ cores; its VAE phase was resumed once); a resumed run equals a straight one bit 
 (tests/test_world_pretrain.py). The folder also gets `ddspo_generation.json`: DDIM 20 steps and --guidance
 (5.0: chosen on training captions, docs/world/world_model.md), what every command then samples it with.
 
-The architecture is the embedded tiny SD pipeline's (ddspo_jax/tiny.py: UNet, CLIP text encoder and
+The architecture is the embedded tiny SD pipeline's (ddspo_jax/backbones/tiny.py: UNet, CLIP text encoder and
 tokenizer, f4 VAE at 64x64, DDIM scheduler). The text encoder stays as the tiny builder makes it — random and
 frozen: a fixed random transformer keeps the words of a caption distinguishable, the UNet's cross-attention
 learns to read them, and nothing about the text side needs training or shipping beyond the builder's
@@ -198,7 +198,7 @@ def _work_dir(out: Path, cfg: PretrainConfig, log) -> Path:
     with the same settings resumes from it (more --vae-steps/--unet-steps continue it); one with other
     settings (or a newer tiny builder) starts over instead of restoring checkpoints of another model (an Orbax
     tree-mismatch traceback before)."""
-    from ddspo_jax.tiny import TINY_VERSION
+    from ddspo_jax.backbones.tiny import TINY_VERSION
 
     work = out.parent / f".{out.name}.work"
     # may change between a run and its resumption (guidance is only written to the folder)
@@ -223,7 +223,8 @@ def _build_base(base: Path, cfg: PretrainConfig) -> None:
     from ddspo_jax.convert import export_unet
     from ddspo_jax.convert.common import read_config
     from ddspo_jax.models.unet import UNet2DConditionModel
-    from ddspo_jax.tiny import build_tiny_model, fill_params
+    from ddspo_jax.backbones import build_tiny_model
+    from ddspo_jax.backbones.tiny import fill_params
 
     channels = tuple(int(c) for c in cfg.unet_channels.split(","))
     if (base / "model_index.json").is_file() and tuple(read_config(base / "unet")["block_out_channels"]) == channels:
