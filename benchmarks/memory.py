@@ -32,7 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-if "--gpu" not in sys.argv:  # 8 host devices; LLVM at -O0 (buffer assignment is decided before codegen)
+if __name__ == "__main__" and "--gpu" not in sys.argv:  # 8 host devices; LLVM -O0 (buffers are decided before
+    # codegen). Imported as a module (tpu_aot.py), no flag is set: XLA_FLAGS reach the TPU compiler too.
     # XLA:CPU's default scheduler orders for concurrency and keeps far more alive at once than the GPU/TPU
     # schedulers do (measured: SDXL fsdp 8, 1 pair/device, temporaries 60.2 GiB vs 15.3 GiB); the
     # memory-minimising scheduler is the closer stand-in for an accelerator. --cpu-scheduler=default compares.
@@ -89,23 +90,64 @@ def measure(name: str, mesh, per_dev: int, remat: str, optimizer: str = "adamw",
                           dtype)
 
 
-def measure_config(config: dict, hw: int, mesh, per_dev: int, remat: str, optimizer: str = "adamw",
-                   name: str = "", dtype: str = "bfloat16") -> dict:
-    """The table's numbers for one diffusers UNet config on one mesh (see the module docstring)."""
+def _cost(compiled) -> dict:
+    c = compiled.cost_analysis()
+    c = (c[0] if isinstance(c, (list, tuple)) else c) or {}
+    return {"flops": float(c.get("flops", 0.0)), "bytes": float(c.get("bytes accessed", 0.0)),
+            "optimal_s": float(c.get("optimal_seconds", float("nan")))}
+
+
+def sana_micro_batch(cfg, n, mesh, tokens=300):
+    """Abstract micro-batch of n SANA pairs (bf16 latents and Gemma-2 embeddings, the int mask)."""
+    sh = parallel.batch_sharding(mesh)
+    a = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt, sharding=sh)  # noqa: E731
+    cond = lambda: {"prompt_embeds": a(n, tokens, cfg.caption_channels),  # noqa: E731
+                    "prompt_attention_mask": a(n, tokens, dt=jnp.int32)}
+    hw = cfg.sample_size
+    return {"x0_w": a(n, hw, hw, cfg.in_channels), "x0_l": a(n, hw, hw, cfg.in_channels), "cond_w": cond(),
+            "cond_l": cond()}
+
+
+def build(config, hw: int, mesh, per_dev: int, remat: str, optimizer: str = "adamw", dtype: str = "bfloat16"):
+    """(train step, abstract params, reference, micro-batch, train config) of a diffusers UNet config (dict)
+    or a SANA config name ("sana_600m_1024"), from shapes only."""
     cd = jnp.dtype(dtype)
-    model = UNet2DConditionModel.from_config(config, dtype=cd, param_dtype=jnp.float32,
-                                             attention_impl="auto", remat_policy=remat)
-    family = "sdxl" if model.config.addition_embed_type == "text_time" else "sd"
     cfg = base_config()
+    if isinstance(config, str):  # SANA: its release config (flow schedule, the release's optimizer)
+        from ddspo_jax.backbones.sana import SanaBackbone
+        from ddspo_jax.configs.sana import get_config as sana_config
+        from ddspo_jax.models.sana import SanaConfig, SanaTransformer2DModel
+
+        cfg = sana_config()
+        model = SanaTransformer2DModel(SanaConfig.named(config), dtype=cd, param_dtype=jnp.float32,
+                                       remat_policy=remat)
+        make_backbone = lambda sch: SanaBackbone(Path("."), model, None, sch)  # noqa: E731
+        mb = sana_micro_batch(model.config, per_dev * mesh.size, mesh)
+    else:
+        model = UNet2DConditionModel.from_config(config, dtype=cd, param_dtype=jnp.float32,
+                                                 attention_impl="auto", remat_policy=remat)
+        family = "sdxl" if model.config.addition_embed_type == "text_time" else "sd"
+        make_backbone = lambda sch: from_unet(model, sch)  # noqa: E731
+        mb = micro_batch(model, family, hw, per_dev * mesh.size, mesh)
     cfg.model.dtype, cfg.model.remat_policy, cfg.train.optimizer = dtype, remat, optimizer
+    cfg.model.lora_rank = 0
     cfg.train.batch_size, cfg.train.micro_batch_per_device = 2 * per_dev * mesh.size, per_dev  # 2 micro-batches
+    cfg.mesh.data, cfg.mesh.fsdp = mesh.shape["data"], mesh.shape["fsdp"]
     validate(cfg)
     schedule = schedules.from_config(cfg.schedule)
-    backbone = from_unet(model, schedule)
+    backbone = make_backbone(schedule)
     params = model.init_shapes()
     ref = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, cd), params)
     opt, _ = step_lib.make_optimizer(cfg, 1e-5)
     ts = step_lib.make_train_step(backbone.denoise, schedule, cfg, mesh, opt, params, ref_shape=ref)
+    return ts, params, ref, mb, cfg
+
+
+def measure_config(config, hw: int, mesh, per_dev: int, remat: str, optimizer: str = "adamw",
+                   name: str = "", dtype: str = "bfloat16") -> dict:
+    """The table's numbers for one model config on one mesh (see the module docstring), plus each compiled
+    program's cost analysis (flops, bytes accessed, the compiler's optimal_seconds; per device)."""
+    ts, params, ref, mb, _ = build(config, hw, mesh, per_dev, remat, optimizer, dtype)
     p_a = placed(params, parallel.tree_shardings(params, mesh))
     r_a = placed(ref, parallel.tree_shardings(ref, mesh))
     acc_a = placed(ts.acc_shape, ts.acc_shardings)
@@ -113,7 +155,6 @@ def measure_config(config: dict, hw: int, mesh, per_dev: int, remat: str, optimi
     rep = parallel.NamedSharding(mesh, parallel.P())
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
-    mb = micro_batch(model, family, hw, per_dev * mesh.size, mesh)
     t0 = time.time()
     g = ts.grad.lower(acc_a, p_a, r_a, mb, key, scalar, scalar).compile()
     u = ts.update.lower(state_a, acc_a).compile()
@@ -129,13 +170,15 @@ def measure_config(config: dict, hw: int, mesh, per_dev: int, remat: str, optimi
     opt_an = OPT_BYTES[optimizer] * n if optimizer == "adamw" else parts["opt"] * fsdp
     outside = sum(math.prod(x.shape) for p_, x in jax.tree_util.tree_flatten_with_path(params)[0]
                   if not in_unit(parallel.key_path(p_)))
+    cg, cu = _cost(g), _cost(u)
     return dict(model=name, mesh=f"data={mesh.shape['data']} fsdp={fsdp}", devices=mesh.size, per_dev=per_dev,
                 remat=remat, optimizer=optimizer, params_M=n / 1e6, outside_units=outside / n,
                 resident=resident / GiB, analytic=(n * (4 + 2 + 4) + opt_an) / fsdp / GiB,
                 xla_args_check=(xla_args - parts["params"] - parts["ref"] - parts["acc"] - parts["batch"]) / GiB,
                 xla_update_args_check=(mu.argument_size_in_bytes - parts["params"] - parts["opt"] - parts["acc"]) / GiB,
                 temp_grad=mg.temp_size_in_bytes / GiB, temp_update=mu.temp_size_in_bytes / GiB,
-                peak=peak / GiB, compile_s=compile_s, **{k: v / GiB for k, v in parts.items()})
+                peak=peak / GiB, compile_s=compile_s, **{k: v / GiB for k, v in parts.items()},
+                **{f"{k}_grad": v for k, v in cg.items()}, **{f"{k}_update": v for k, v in cu.items()})
 
 
 def table(rows, cols):

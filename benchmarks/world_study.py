@@ -7,6 +7,8 @@ choice made on a dev split, the same tuning budget for every method, the report 
                                            # --ipp images per prompt, paired against the reference
   python benchmarks/world_study.py cfg     # the best DDSPO and DPO runs vs the reference at CFG 1/2/3/5 on dev
   python benchmarks/world_study.py direction  # where each best run moved f(x_t, c): along CFG's direction?
+  python benchmarks/world_study.py ceiling  # the reference pushed explicitly away from c- while sampling: what
+                                            # the contrast DDSPO amplifies can give on dev at most
 
 Pairs: `--steps x --batch` distinct training captions of world_train.jsonl (prepare once, under --work), so no
 pair is seen twice. Dev: world_dev.jsonl (`python -m ddspo_jax.world prompts`), disjoint from world_eval.jsonl
@@ -340,6 +342,54 @@ def _final_row(label, overrides, seed, v, ref, st, tr=None) -> dict:
     return row
 
 
+def cmd_ceiling(st: Study, args):
+    """What the c vs c- contrast holds, without training: the reference sampled with its conditional
+    prediction pushed away from its c- prediction, f(c) + lam (f(c) - f(c-)), under the model's CFG, on dev.
+    DDSPO's losing term moves f_theta(x, c) away from f_ref(x, c-): if no lam of this explicit push raises
+    dev alignment, the contrast the objective amplifies carries no alignment this model can express."""
+    from ddspo_jax import sampling
+    from ddspo_jax.backbones import generation_settings
+    from ddspo_jax.configs.world import PROMPTS
+    from ddspo_jax.data.perturb import Perturber, load_word_groups
+
+    path = st.out / "study_ceiling.csv"
+    done = {(r["strategy"], r["lam"], r["seed"]) for r in read_rows(path)}
+    prompts, scorer, _ = st.prompt_set(st.dev_file)
+    n, b, bb = len(prompts), 64, st.bb
+    groups = load_word_groups(PROMPTS / "world_word_groups.json")
+    rep = sampling.replicate(bb.params, st.mesh)
+    for strategy in ("random_removal", "word_swap"):
+        pert = Perturber({strategy: 1.0}, seed=st.cfg.seed, word_groups=groups,
+                         frac_range=tuple(st.cfg.data.removal_range))
+        negs = [pert(p, i).neg_prompt for i, p in enumerate(prompts)]
+        for lam in (0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0):
+            for seed in range(args.seeds):
+                if (strategy, str(lam), str(seed)) in done or (lam == 0.0 and strategy != "random_removal"):
+                    continue
+                gs = generation_settings(bb, seed=seed)
+
+                def denoise(params, x, t, cond, lam=lam):
+                    fc = bb.denoise(params, x, t, cond["c"])
+                    return fc + lam * (fc - bb.denoise(params, x, t, cond["neg"])) if lam else fc
+                sampler = sampling.make_sampler(denoise, bb.schedule, sampler=gs["sampler"], steps=gs["steps"],
+                                                guidance=gs["guidance"], mesh=st.mesh, steps_offset=gs["steps_offset"],
+                                                set_alpha_to_one=gs["set_alpha_to_one"])
+                v = np.zeros((n, 1))
+                for a in range(0, n, b):
+                    idx = list(range(a, min(a + b, n)))
+                    pad = idx + idx[-1:] * (b - len(idx))
+                    c, neg = bb.encode([prompts[i] for i in pad]), bb.encode([negs[i] for i in pad])
+                    u = {k: np.repeat(x, b, 0) for k, x in bb.negative_cond(1).items()}
+                    noise = sampling.initial_noise(seed, pad, tuple(gs["latent_shape"]))
+                    args_ = sampling.shard_batch(st.mesh, noise, {"c": c, "neg": neg}, {"c": u, "neg": u})
+                    imgs = bb.decode(np.asarray(sampler(rep, *args_)))[:len(idx)]
+                    v[idx, 0] = scorer.score(imgs, [prompts[i] for i in idx])
+                s = st.summary(v, st.dev_file)
+                append_row(path, {"strategy": strategy, "lam": lam, "seed": seed,
+                                  **{f"dev_{k}": f"{x:.4f}" for k, x in s.items()}})
+                print(f"ceiling {strategy} lam {lam} seed {seed}: {s}", flush=True)
+
+
 def cmd_cfg(st: Study, args):
     """Does a fine-tune beat the reference at the reference's own best CFG, or only move the best CFG?"""
     path = st.out / "study_cfg.csv"
@@ -486,7 +536,7 @@ def _study_figure(rows, methods, path):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("cmd", choices=("diag", "sweep", "final", "cfg", "direction", "report"))
+    ap.add_argument("cmd", choices=("diag", "sweep", "final", "cfg", "direction", "ceiling", "report"))
     ap.add_argument("--out", default="docs/world")
     ap.add_argument("--work", default="runs/study")
     ap.add_argument("--perturb", default="random_removal", choices=("random_removal", "word_swap"),
@@ -509,7 +559,7 @@ def main(argv=None) -> int:
     st = Study(args)
     print(f"prepare: {args.steps * args.batch} pairs in {st.prepare_s:.0f}s", flush=True)
     {"diag": cmd_diag, "sweep": cmd_sweep, "final": cmd_final, "cfg": cmd_cfg,
-     "direction": cmd_direction}[args.cmd](st, args)
+     "direction": cmd_direction, "ceiling": cmd_ceiling}[args.cmd](st, args)
     return 0
 
 

@@ -10,10 +10,11 @@ from collections.abc import Iterator, Sequence
 from ddspo_jax.errors import DataError
 
 
-def iter_jsonl(path, required: Sequence[str] = (), *, blank: bool = False) -> Iterator[tuple[int, dict | None]]:
+def iter_jsonl(path, required: Sequence[str] = (), *, blank: bool = False, what: str = ""
+               ) -> Iterator[tuple[int, dict | None]]:
     """(line number, object) for each line of a JSONL file; a blank line is skipped, or yields (n, None) with
     `blank` (where a caller counts lines). A line that is not JSON, not an object, or lacks a `required` key is
-    a DataError naming `path:line` and the key, never a traceback."""
+    a DataError naming `path:line` and the key (and `what` the line should be), never a traceback."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -28,7 +29,8 @@ def iter_jsonl(path, required: Sequence[str] = (), *, blank: bool = False) -> It
                 raise DataError(f"{path}:{lineno}: a JSON object is expected, got {type(obj).__name__}")
             missing = [k for k in required if k not in obj]
             if missing:
-                raise DataError(f"{path}:{lineno}: field {missing[0]!r} missing (keys here: {sorted(obj)})")
+                raise DataError(f"{path}:{lineno}: {f'not {what}: ' if what else ''}field {missing[0]!r} missing "
+                                f"(keys here: {sorted(obj)})")
             yield lineno, obj
 
 

@@ -148,7 +148,8 @@ class Shapes:
         if not src.is_file():
             raise MissingFileError(f"scorer 'shapes' needs the GenEval-format metadata of the prompts (the "
                                    f"--prompts .jsonl, or --scorer-path); {src} is not a file")
-        self.meta = {m["prompt"]: m for _, m in iter_jsonl(src, ("prompt", "include"))}
+        lines = iter_jsonl(src, ("prompt", "include"), what="a GenEval metadata line")
+        self.meta = {m["prompt"]: m for _, m in lines}
 
     def _line(self, prompt):
         if prompt not in self.meta:

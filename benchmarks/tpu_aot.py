@@ -1,0 +1,141 @@
+"""The real train steps compiled by the TPU compiler for TPU slices, on a machine without a TPU.
+
+  pip install -e '.[tpu-aot]'      # in a venv of its own: libtpu 0.0.42 (the pin of jax[tpu] 0.10.2)
+  python benchmarks/tpu_aot.py --topology v5e:2x4 --models sd15 --fsdp 8 --micro 1,2 --remat block
+  python benchmarks/tpu_aot.py --topology v5e:2x2 --models tiny --fsdp 4        # a minute: the smoke check
+
+`jax.experimental.topologies.get_topology_desc(topology, "tpu")` gives compile-only TPU devices; the
+project's train step (`step.make_train_step`, exactly as `benchmarks/memory.py` builds it: bf16 compute, f32
+master weights, the bf16 frozen reference, DDSPO's three reference forwards; shapes only, no weights) is
+lowered on a mesh of them and compiled by libtpu. Per chip, one row per (model, mesh, remat, micro-batch):
+
+  resident   params + reference + optimizer state + gradient accumulator, each its fsdp shard (exact)
+  temp       the TPU compiler's temporaries of the gradient program (activations, gathered blocks, workspace)
+  peak       resident + max(micro-batch + temp of the gradient program, temp of the update program); vs HBM
+  TFLOP      per chip per micro-batch, from the compiled program's cost analysis (cross-check: the analytic
+             count, docs/performance.md: 0.80 TFLOP per SD-1.5 UNet forward at 64x64, 9 forward-equivalents
+             per pair)
+  est ms     the compiler's `optimal_seconds` where it is positive and not below the roofline, else the
+             roofline max(flops / bf16 peak, bytes accessed / HBM bandwidth) ("est" column says which)
+  pairs/s    pairs per micro-batch / est time (the update, once per step, amortised away); MFU = flops /
+             est time / the chip's bf16 peak
+
+Last line: RESULT <model>_<topology>_fsdp<k>_mb<m>_<remat>_peak_gib=... _est_ms=... (one per row). Compile
+times are minutes per SD-1.5 program on 2 cores; SDXL's are tens of minutes: budget them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server here: libtpu asks for it otherwise
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # libtpu's TPU_ACCELERATOR_TYPE / WORKER_HOSTNAMES notices
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host's own backend; TPU devices come from the topology only
+
+import jax  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import memory  # noqa: E402
+
+from ddspo_jax import parallel  # noqa: E402
+
+GiB = 2 ** 30
+# Per chip: HBM (GiB), dense bf16 peak (FLOP/s), HBM bandwidth (B/s) -- the vendors' published figures.
+CHIPS = {"v4": (32, 275e12, 1228e9), "v5e": (16, 197e12, 819e9), "v5p": (95, 459e12, 2765e9),
+         "v6e": (32, 918e12, 1640e9)}
+# model name -> (config for memory.build: a UNet config dict or a SANA config name, latent side)
+TINY_UNET = dict(block_out_channels=[32, 64], layers_per_block=1, in_channels=4, out_channels=4, sample_size=16,
+                 cross_attention_dim=32, attention_head_dim=4, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                 up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], norm_num_groups=8)
+
+
+def model_config(name: str):
+    if name == "tiny":
+        return TINY_UNET, 16
+    if name.startswith("sana"):
+        return {"sana600m": "sana_600m_1024", "sana1600m": "sana_1600m_1024"}[name], 32
+    file, hw, _ = memory.MODELS[name]
+    return json.loads((memory.CONFIGS / file).read_text()), hw
+
+
+def chip_of(topology: str) -> tuple[str, tuple]:
+    kind = topology.split(":")[0]
+    if kind not in CHIPS:
+        raise SystemExit(f"--topology {topology!r}: chip {kind!r} is not one of {sorted(CHIPS)}")
+    return kind, CHIPS[kind]
+
+
+def estimate(flops: float, nbytes: float, optimal_s: float, peak: float, bw: float) -> tuple[float, str]:
+    """(seconds, which estimate): the cost model's optimal_seconds where valid, else the roofline."""
+    roof = max(flops / peak, nbytes / bw)
+    if optimal_s > 0 and optimal_s >= 0.5 * roof:
+        return optimal_s, "cost model"
+    return roof, "roofline"
+
+
+def tpu_devices(topology: str):
+    from jax.experimental import topologies
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+    return topo.devices
+
+
+def row(name, topology, devices, fsdp, per_dev, remat) -> dict:
+    kind, (hbm, peak, bw) = chip_of(topology)
+    n = len(devices)
+    mesh = parallel.make_mesh(n // fsdp, fsdp, devices)
+    config, hw = model_config(name)
+    r = memory.measure_config(config, hw, mesh, per_dev, remat, name=name)
+    t, which = estimate(r["flops_grad"], r["bytes_grad"], r["optimal_s_grad"], peak, bw)
+    pairs = per_dev * n
+    return dict(model=name, topology=topology, chip=devices[0].device_kind, mesh=r["mesh"], per_dev=per_dev,
+                remat=remat, resident=r["resident"], temp=r["temp_grad"], peak=r["peak"], hbm=float(hbm),
+                fits="yes" if r["peak"] <= 0.9 * hbm else "no", tflop=r["flops_grad"] / 1e12,
+                gbytes=r["bytes_grad"] / 1e9, optimal_ms=r["optimal_s_grad"] * 1e3, est_ms=t * 1e3, est=which,
+                pairs_s=pairs / t, mfu=r["flops_grad"] / t / peak, compile_s=r["compile_s"])
+
+
+COLS = ["model", "topology", "mesh", "per_dev", "remat", "resident", "temp", "peak", "hbm", "fits", "tflop",
+        "gbytes", "optimal_ms", "est_ms", "est", "pairs_s", "mfu", "compile_s"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--topology", default="v5e:2x4", help="TPU topology, e.g. v5e:2x4, v6e:2x4, v5p:2x2x2")
+    ap.add_argument("--models", default="sd15", help="comma-separated: tiny, sd15, sdxl, sana600m, sana1600m")
+    ap.add_argument("--fsdp", default="8", help="comma-separated fsdp sizes (the rest of the chips is data)")
+    ap.add_argument("--micro", default="1", help="comma-separated micro_batch_per_device values")
+    ap.add_argument("--remat", default="block", help="comma-separated remat policies")
+    a = ap.parse_args(argv)
+    chip_of(a.topology)
+    devices = tpu_devices(a.topology)
+    print(f"jax {jax.__version__}; {len(devices)} compile-only {devices[0].device_kind} chips ({a.topology}); "
+          "per chip GiB; bf16 compute and reference, f32 master weights and accumulator, AdamW", flush=True)
+    rows = []
+    for name in a.models.split(","):
+        for fsdp in (int(x) for x in a.fsdp.split(",")):
+            for remat in a.remat.split(","):
+                for per_dev in (int(x) for x in a.micro.split(",")):
+                    rows.append(row(name, a.topology, devices, fsdp, per_dev, remat))
+                    r = rows[-1]
+                    print(f"  {name} fsdp {fsdp} {remat} micro {per_dev}: peak {r['peak']:.2f} / {r['hbm']:.0f} GiB, "
+                          f"{r['tflop']:.2f} TFLOP, est {r['est_ms']:.0f} ms ({r['est']}), compiled in "
+                          f"{r['compile_s']:.0f} s", flush=True)
+    print(memory.table(rows, COLS))
+    print("RESULT " + " ".join(
+        f"{r['model']}_{r['topology'].replace(':', '-')}_fsdp{r['mesh'].split('fsdp=')[1]}_mb{r['per_dev']}_{r['remat']}"
+        f"_{k}={r[k]:.4g}" for r in rows for k in ("peak", "est_ms", "tflop")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
