@@ -15,6 +15,7 @@ from ml_collections import config_dict
 
 
 from ddspo_jax.errors import ConfigError  # noqa: E402  (re-exported: config.ConfigError)
+from ddspo_jax.errors import user_exits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,7 +339,6 @@ def check_override_keys(argv: list[str], flag: str = "config") -> None:
 
 def _user_exit(message: str):
     """A mistake found before the command's body runs (its flags are checked at import): the same handler."""
-    from ddspo_jax.errors import user_exits
 
     with user_exits():
         raise ConfigError(message)

@@ -17,8 +17,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from ddspo_jax.checkpoint import (RunError, base_family, base_folder, lora_alpha, merge_trained,
-                                  restore_checkpoint_params, run_config)
+from ddspo_jax.checkpoint import (
+    base_family, base_folder, lora_alpha, merge_trained, restore_checkpoint_params, run_config, RunError
+)
 from ddspo_jax.errors import run_command
 from ddspo_jax.files import write_text_atomic
 

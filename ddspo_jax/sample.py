@@ -20,7 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from ddspo_jax import checkpoint
+from ddspo_jax.config import base_config
+from ddspo_jax.data.prompts import load_prompts
+from ddspo_jax.errors import run_command, UserError
 from ddspo_jax.files import write_text_atomic
+
+# The package's JAX-importing modules are imported inside the functions that use them: `--help` and a
+# mistyped argument answer in ~0.4 s instead of ~4 s (JAX, Flax, Orbax start-up, measured on 2 cores);
+# tests/test_structure.py checks that every function-local import is one of those.
 
 
 def load_model(spec: str, *, dtype: str, step: int | None = None):
@@ -28,7 +35,6 @@ def load_model(spec: str, *, dtype: str, step: int | None = None):
     import ml_collections
 
     from ddspo_jax.backbones import load_backbone
-    from ddspo_jax.config import base_config
 
     path = Path(spec)
     params = None
@@ -39,7 +45,6 @@ def load_model(spec: str, *, dtype: str, step: int | None = None):
     else:
         mcfg.path = spec  # the family is detected from the folder (backbones.detect_family)
     mcfg.dtype = dtype
-    from ddspo_jax.errors import UserError
 
     try:
         bb = load_backbone(mcfg, base_config().schedule, text=True, vae=True, log=None)
@@ -107,7 +112,6 @@ def run(args) -> dict:
     from tqdm import tqdm
 
     from ddspo_jax import parallel, sampling
-    from ddspo_jax.data.prompts import load_prompts
 
     prompts, _ = load_prompts(args.prompts, field=args.field or None, limit=args.limit or None)
     if not prompts:
@@ -196,7 +200,6 @@ def main(argv=None) -> int:
         args = parse_args(argv)
     except SystemExit as e:  # a bad flag: argparse printed its line; the exit code is returned like the others
         return int(e.code or 0)
-    from ddspo_jax.errors import run_command
     from ddspo_jax.parallel import cpu_host_setup
 
     cpu_host_setup()  # before JAX starts its backends

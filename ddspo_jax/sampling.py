@@ -29,8 +29,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddspo_jax.errors import ConfigError
 from ddspo_jax import parallel, schedules
+from ddspo_jax.errors import ConfigError
 
 SAMPLERS = ("ddim", "pndm", "euler", "flow_euler", "flow_dpmpp_2m")
 FLOW_SAMPLERS = ("flow_euler", "flow_dpmpp_2m")

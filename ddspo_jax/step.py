@@ -30,8 +30,8 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddspo_jax.errors import ConfigError
 from ddspo_jax import parallel, schedules
+from ddspo_jax.errors import ConfigError
 from ddspo_jax.losses import NEEDS_REF, NEEDS_REF_NEG, preference_loss
 from ddspo_jax.optim import make_optimizer  # noqa: F401  (re-exported: step_lib.make_optimizer)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ddspo_jax.backbones import FAMILY_NAMES, ensure_tiny_model
-from ddspo_jax.backbones.tiny import TINY_PROMPTS, compose_prompts
+from ddspo_jax.backbones import ensure_tiny_model, FAMILY_NAMES
+from ddspo_jax.backbones.tiny import compose_prompts, TINY_PROMPTS
 from ddspo_jax.errors import run_command
 from ddspo_jax.files import write_text_atomic
 

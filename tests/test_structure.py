@@ -172,3 +172,54 @@ def test_family_names_only_behind_the_backbone_interface():
     hits = [f"{p.relative_to(PKG)}:{i}" for p in PKG.rglob("*.py") if p.relative_to(PKG).parts[0] not in allowed
             for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"sdxl|sana", line)]
     assert not hits, hits
+
+
+HEAVY_LIBS = ("jax", "flax", "optax", "orbax", "torch", "tensorflow", "transformers", "diffusers", "grain", "clu",
+              "scipy", "PIL", "tqdm", "etils", "safetensors", "array_record", "pyarrow")
+
+
+def _top_level_imports(path: Path) -> tuple[set[str], bool]:
+    """(the package modules a file imports at module level, whether it imports a heavy library there)."""
+    own, heavy = set(), False
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        own.update(n for n in names if n.startswith("ddspo_jax"))
+        heavy |= any(n.split(".")[0] in HEAVY_LIBS for n in names)
+    return own, heavy
+
+
+def test_function_local_imports_are_only_of_jax_importing_modules():
+    """The package's own modules are imported at module top; a function-local import is allowed only of a
+    module whose import starts JAX (or torch, TensorFlow, ...), in a module that says why in a comment."""
+    files = {".".join(f.relative_to(PKG.parent).with_suffix("").parts).removesuffix(".__init__"): f
+             for f in PKG.rglob("*.py")}
+    tops = {m: _top_level_imports(f) for m, f in files.items()}
+    memo = {}
+
+    def heavy(m, seen=()):
+        if m not in memo:
+            own, h = tops[m]
+            parents = [".".join(m.split(".")[:i]) for i in range(2, m.count(".") + 1)]
+            memo[m] = h or any(heavy(d, seen + (m,)) for d in sorted(own) + parents if d in tops and d not in seen)
+        return memo[m]
+
+    bad = []
+    for m, f in files.items():
+        src = f.read_text()
+        for node in ast.walk(ast.parse(src)):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)) or node.col_offset == 0:
+                continue
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                targets = [t for t in [f"{node.module}.{a.name}" for a in node.names] + [node.module] if t in files]
+                targets = targets[:-1] or targets  # `from pkg import sub`: the submodule is what is imported
+            else:
+                targets = [a.name for a in getattr(node, "names", []) if a.name in files]
+            for t in targets:
+                if not heavy(t) or "imported inside the functions that use them" not in src:
+                    bad.append(f"{f.relative_to(PKG.parent)}:{node.lineno} imports {t}")
+    assert not bad, bad

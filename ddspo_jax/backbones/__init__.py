@@ -25,13 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from ddspo_jax.backbones.base import Backbone, dtype_of, schedule_from_folder
+from ddspo_jax.backbones.sana import SanaBackbone
+from ddspo_jax.backbones.sd import SD1Backbone, SDXLBackbone
+from ddspo_jax.backbones.text import require_components
 from ddspo_jax.backbones.tiny import MARKER, TINY_VERSION, write_json
 from ddspo_jax.errors import ConfigError, MissingFileError, ModelError, UserError
+from ddspo_jax.sampling import SAMPLERS
 
 
 def _registry() -> dict[str, type[Backbone]]:
-    from ddspo_jax.backbones.sana import SanaBackbone
-    from ddspo_jax.backbones.sd import SD1Backbone, SDXLBackbone
 
     return {c.family: c for c in (SD1Backbone, SDXLBackbone, SanaBackbone)}
 
@@ -96,7 +98,6 @@ def folder_generation_defaults(folder) -> dict[str, Any]:
             out[k] = _GENERATION_KEYS[k](v)
         except (TypeError, ValueError):
             raise ConfigError(f"{path}: {k}={v!r} is not a {_GENERATION_KEYS[k].__name__}") from None
-    from ddspo_jax.sampling import SAMPLERS
 
     if out.get("sampler", SAMPLERS[0]) not in SAMPLERS:
         raise ConfigError(f"{path}: sampler {out['sampler']!r} is not one of {SAMPLERS}")
@@ -230,7 +231,6 @@ def load_backbone(model_cfg, schedule_cfg, *, text: bool = True, vae: bool = Tru
         raise ModelError(f"config.model.family={want!r} but {folder} holds a {family!r} model "
                          f"({folder / 'model_index.json'}); set model.family={family!r} or leave it empty")
     cls = family_class(family)
-    from ddspo_jax.backbones.text import require_components
 
     require_components(folder, [cls.denoiser_folder] + (["vae"] if vae else []))
     model, params = cls.load_denoiser(folder, dtype_of(model_cfg.dtype), dtype_of(model_cfg.param_dtype),

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddspo_jax import schedules
+from ddspo_jax.models.layers import apply_sharded
 
 
 def dtype_of(name: str):
@@ -117,7 +118,6 @@ class Backbone:
         """`denoiser.apply` on whole weights, or on fsdp shards inside the train step's shard_map (`gather`):
         every block then gathers its own weights (models/layers.apply_sharded); remat_policy "full" also
         recomputes the whole forward in the backward pass."""
-        from ddspo_jax.models.layers import apply_sharded
 
         if gather is None or gather.noop:  # whole float32 weights already: no per-block wrapper needed
             return self.denoiser.apply({"params": params}, *args, **kwargs)

@@ -26,9 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddspo_jax.backbones.base import Backbone
-from ddspo_jax.convert.common import ConversionError
-from ddspo_jax.convert.sana import LORA_TARGETS
-from ddspo_jax.backbones.tiny import FAKE_DIFFUSERS_VERSION
+from ddspo_jax.backbones.tiny import FAKE_DIFFUSERS_VERSION, fill_params, write_json
+from ddspo_jax.convert import export_dcae, export_gemma2, load_dcae
+from ddspo_jax.convert.common import ConversionError, read_config
+from ddspo_jax.convert.gemma import load_gemma2
+from ddspo_jax.convert.sana import export_sana, export_sana_lora, load_sana, LORA_TARGETS
+from ddspo_jax.models.dcae import AutoencoderDC, DCAEConfig
+from ddspo_jax.models.gemma import Gemma2Config, Gemma2Model
+from ddspo_jax.models.sana import SanaTransformer2DModel
 
 COMPLEX_HUMAN_INSTRUCTION = (
     "Given a user prompt, generate an 'Enhanced prompt' that provides detailed visual descriptions suitable for "
@@ -78,7 +83,6 @@ class SanaPromptEncoder:
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, dtype=jnp.bfloat16, **kw) -> "SanaPromptEncoder":
-        from ddspo_jax.convert.gemma import load_gemma2
 
         folder = Path(folder)
         model, params = load_gemma2(folder, dtype=dtype, param_dtype=dtype)
@@ -150,21 +154,17 @@ class SanaBackbone(Backbone):
 
     @classmethod
     def load_denoiser(cls, folder, dtype, param_dtype, *, attention=None, remat_policy="none"):
-        from ddspo_jax.convert.sana import load_sana
 
         model, params = load_sana(folder, dtype, param_dtype, attention_impl=attention, remat_policy=remat_policy)
         return model, jax.tree.map(np.asarray, params)
 
     @classmethod
     def export_denoiser(cls, base, params, out_dir, dtype="float32"):
-        from ddspo_jax.convert.common import read_config
-        from ddspo_jax.convert.sana import export_sana
 
         return export_sana(read_config(Path(base) / "transformer"), params, out_dir, dtype=dtype)
 
     @classmethod
     def export_lora(cls, factors, alpha, path):
-        from ddspo_jax.convert.sana import export_sana_lora
 
         return export_sana_lora(factors, alpha, path)
 
@@ -194,7 +194,6 @@ class SanaBackbone(Backbone):
         return SanaPromptEncoder.from_pretrained(self.path, dtype=self.denoiser.dtype)  # bf16 unless float32 runs
 
     def _load_vae(self):
-        from ddspo_jax.convert import load_dcae
 
         return load_dcae(self.path)
 
@@ -212,11 +211,6 @@ class SanaBackbone(Backbone):
         images), 2-layer Gemma-2 (hidden 16) with a character-level Gemma tokenizer, DPM-Solver++ flow scheduler."""
         from transformers.models.gemma.tokenization_gemma import GemmaTokenizer
 
-        from ddspo_jax.convert import export_dcae, export_gemma2, export_sana
-        from ddspo_jax.models.dcae import AutoencoderDC, DCAEConfig
-        from ddspo_jax.models.gemma import Gemma2Config, Gemma2Model
-        from ddspo_jax.models.sana import SanaTransformer2DModel
-        from ddspo_jax.backbones.tiny import fill_params, write_json
 
         vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4, "\u2581": 5}
         for ch in sorted(set(_TINY_CHARS) - {" "}):

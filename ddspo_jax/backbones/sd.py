@@ -7,8 +7,17 @@ import json
 from pathlib import Path
 
 from ddspo_jax.backbones.base import Backbone
-from ddspo_jax.backbones.text import _default_resolution
-from ddspo_jax.backbones.tiny import FAKE_DIFFUSERS_VERSION
+from ddspo_jax.backbones.text import _default_resolution, PromptEncoder
+from ddspo_jax.backbones.tiny import (
+    clip_text_config, EOS, FAKE_DIFFUSERS_VERSION, fill_params, write_clip_tokenizer, write_json
+)
+from ddspo_jax.convert import export_clip_text, export_unet, export_vae, load_unet, load_vae
+from ddspo_jax.convert.common import read_config
+from ddspo_jax.convert.unet import export_lora
+from ddspo_jax.errors import ModelError
+from ddspo_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from ddspo_jax.models.unet import UNet2DConditionModel
+from ddspo_jax.models.vae import AutoencoderKL
 
 
 
@@ -32,8 +41,6 @@ class SD1Backbone(Backbone):
 
     @classmethod
     def load_denoiser(cls, folder, dtype, param_dtype, *, attention=None, remat_policy="none"):
-        from ddspo_jax.convert import load_unet
-        from ddspo_jax.errors import ModelError
 
         unet, params = load_unet(folder, dtype, param_dtype, attention_impl=attention, remat_policy=remat_policy,
                                  on_host=True)
@@ -44,14 +51,11 @@ class SD1Backbone(Backbone):
 
     @classmethod
     def export_denoiser(cls, base, params, out_dir, dtype="float32"):
-        from ddspo_jax.convert import export_unet
-        from ddspo_jax.convert.common import read_config
 
         return export_unet(read_config(Path(base) / "unet"), params, out_dir, dtype=dtype)
 
     @classmethod
     def export_lora(cls, factors, alpha, path):
-        from ddspo_jax.convert.unet import export_lora
 
         return export_lora(factors, alpha, path)
 
@@ -79,12 +83,10 @@ class SD1Backbone(Backbone):
         return self._apply(params, gather, x_t, t, cond["prompt_embeds"], added_cond=self._added(cond))
 
     def _load_encoder(self):
-        from ddspo_jax.backbones.text import PromptEncoder
 
         return PromptEncoder.from_pretrained(self.path, kind=self.encoder_kind)
 
     def _load_vae(self):
-        from ddspo_jax.convert import load_vae
 
         return load_vae(self.path)
 
@@ -104,7 +106,6 @@ class SD1Backbone(Backbone):
 
     @classmethod
     def _tiny_encoders(cls):
-        from ddspo_jax.backbones.tiny import EOS
 
         return [("text_encoder", "tokenizer", False, "quick_gelu", EOS)]
 
@@ -112,11 +113,6 @@ class SD1Backbone(Backbone):
     def build_tiny(cls, out: Path, seed: int = 0) -> None:
         """UNet (2 levels, 32/64 channels), CLIP text encoder(s) with the tiny BPE tokenizer, an f4 VAE
         (16x16 latents <-> 64x64 images) and the family's scheduler."""
-        from ddspo_jax.convert import export_clip_text, export_unet, export_vae
-        from ddspo_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
-        from ddspo_jax.models.unet import UNet2DConditionModel
-        from ddspo_jax.models.vae import AutoencoderKL
-        from ddspo_jax.backbones.tiny import clip_text_config, fill_params, write_clip_tokenizer, write_json
 
         unet_cfg = cls._tiny_unet()
         export_unet(unet_cfg, fill_params(UNet2DConditionModel.from_config(unet_cfg).init_shapes(), seed),

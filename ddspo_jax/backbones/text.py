@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddspo_jax.convert.clip import load_clip_text
 from ddspo_jax.convert.common import ConversionError, read_config
 
 COMPONENTS = {
@@ -133,7 +134,6 @@ class PromptEncoder:
                         variant: str | None = None) -> "PromptEncoder":
         """From a diffusers pipeline folder. kind defaults to model_index.json (or, without one, whether
         text_encoder_2/ exists). A missing component is a MissingComponentError naming it and the folder."""
-        from ddspo_jax.convert.clip import load_clip_text
 
         folder = Path(folder)
         if not folder.is_dir():

@@ -2,6 +2,7 @@
 default config and prompt files from a wheel too. `configs/` at the top of the repository points here."""
 
 from pathlib import Path
+from ddspo_jax.errors import ConfigError
 
 FOLDER = Path(__file__).resolve().parent
 
@@ -35,7 +36,6 @@ def release_ddcpp(c, *, name: str, stage: str | None):
     """DD-CPP as the release runs it (scripts/train_ddspo_lora_target.sh, ddspo/train_lora_target.py), on top of
     a family's release config: stage "pair" trains the winning / losing adapters, stage "ddspo" (default) runs
     DDSPO with them as the CPP targets."""
-    from ddspo_jax.errors import ConfigError
 
     stage = stage or "ddspo"
     if stage not in ("pair", "ddspo"):

@@ -16,13 +16,14 @@ defaults, from backbones/sana.py). Training timesteps: uniform sigma (train_flow
 """
 
 from ddspo_jax.config import base_config
+from ddspo_jax.configs import FOLDER
+from ddspo_jax.errors import ConfigError
 
 MODELS = {"600m": "models/Sana_600M_1024px_diffusers", "1600m": "models/Sana_1600M_1024px_diffusers",
           "tiny": "tiny-sana"}
 
 
 def get_config(size=None):
-    from ddspo_jax.errors import ConfigError
 
     size = (size or "600m").lower()
     if size not in MODELS:
@@ -46,7 +47,6 @@ def get_config(size=None):
     c.train.optimizer = "adamw"
     c.train.checkpoint_every = 50
     if size == "tiny":  # the embedded tiny SANA pipeline (64x64, random weights): the same road, CPU-sized
-        from ddspo_jax.configs import FOLDER
 
         c.data.prompts, c.data.prompt_limit = str(FOLDER / "prompts" / "tiny_prompts.txt"), 32
         c.data.shard_size, c.prepare.batch_size, c.prepare.steps = 16, 16, 10

@@ -19,16 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddspo_jax.convert.common import (
-    ConversionError,
-    KeyTable,
-    export_dtype,
-    read_safetensors,
-    params_from_state_dict,
-    resolve_component,
-    state_dict_from_params,
-    write_safetensors,
+    ConversionError, export_dtype, KeyTable, params_from_state_dict, read_safetensors, resolve_component,
+    state_dict_from_params, write_safetensors
 )
 from ddspo_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from ddspo_jax.models.clip_vision import AestheticMLP, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
 _IGNORE = (r"(text_model\.)?embeddings\.position_ids",)
 
@@ -144,7 +139,6 @@ def load_clip_vision(path: str | os.PathLike, dtype=jnp.float32, param_dtype=jnp
     From a CLIPModel the text tower is dropped; without `visual_projection.weight` in the file the module
     has no projection and returns no `image_embeds`.
     """
-    from ddspo_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModel
 
     cfg, state_dict, source = resolve_component(path, component, variant=variant)
     if cfg.get("model_type") == "clip" or any(k.startswith("text_model.") for k in state_dict):
@@ -161,7 +155,6 @@ def load_clip_model(path: str | os.PathLike, dtype=jnp.float32, param_dtype=jnp.
                     variant: str | None = None):
     """A transformers `CLIPModel` folder (config `model_type: clip`; PickScore, OpenAI CLIP, LAION CLIP)
     -> (models.clip_vision.CLIPModel, params)."""
-    from ddspo_jax.models.clip_vision import CLIPModel, CLIPVisionConfig
 
     cfg, state_dict, source = resolve_component(path, "clip", variant=variant)
     if cfg.get("model_type") != "clip":
@@ -181,7 +174,6 @@ def load_aesthetic_head(path: str | os.PathLike, embed_dim: int = 768):
     """The improved aesthetic predictor's MLP head from a safetensors file (converted once from the published
     .pth; never unpickled here) -> (models.clip_vision.AestheticMLP, params). Shapes are checked against
     `embed_dim`, the CLIP projection width it reads."""
-    from ddspo_jax.models.clip_vision import AestheticMLP
 
     head = AestheticMLP()
     shapes = jax.eval_shape(lambda x: head.init(jax.random.key(0), x),

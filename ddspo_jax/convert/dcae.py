@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddspo_jax.convert.common import ConversionError, KeyTable, params_from_state_dict, resolve_component
+from ddspo_jax.convert.unet import export_config_and_weights
 from ddspo_jax.models.dcae import AutoencoderDC, DCAEConfig
 
 DCAE_TABLE = KeyTable(
@@ -40,7 +41,6 @@ def load_dcae(path: str | os.PathLike, dtype=jnp.float32, param_dtype=jnp.float3
 
 def export_dcae(config: dict, params, out_dir: str | os.PathLike, dtype: Any = "float32"):
     """Flax params -> a diffusers `AutoencoderDC` folder (config.json + diffusion_pytorch_model.safetensors)."""
-    from ddspo_jax.convert.unet import export_config_and_weights
 
     DCAEConfig.from_dict(config)  # validates before anything is written
     return export_config_and_weights(dict(config), DCAE_TABLE, params, out_dir, dtype)

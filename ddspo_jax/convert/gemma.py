@@ -14,7 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddspo_jax.convert.common import ConversionError, KeyTable, params_from_state_dict, resolve_component
+from ddspo_jax.convert.common import (
+    ConversionError, export_dtype, KeyTable, params_from_state_dict, resolve_component, state_dict_from_params,
+    write_safetensors
+)
 from ddspo_jax.models.gemma import Gemma2Config, Gemma2Model
 
 BARE_TABLE = KeyTable(list_modules=frozenset({"layers"}))
@@ -53,7 +56,6 @@ def export_gemma2(config: dict, params, out_dir: str | os.PathLike, dtype: Any =
     import json
     from pathlib import Path
 
-    from ddspo_jax.convert.common import export_dtype, state_dict_from_params, write_safetensors
 
     Gemma2Config.from_dict(config)  # validates before anything is written
     out = Path(out_dir)

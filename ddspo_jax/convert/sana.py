@@ -17,14 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddspo_jax import lora
 from ddspo_jax.convert.common import (
-    ConversionError,
-    KeyTable,
-    export_dtype,
-    params_from_state_dict,
-    resolve_component,
-    state_dict_from_params,
-    write_safetensors,
+    ConversionError, export_dtype, KeyTable, params_from_state_dict, resolve_component, state_dict_from_params,
+    write_safetensors
 )
 from ddspo_jax.models.sana import SanaConfig, SanaTransformer2DModel
 
@@ -81,8 +77,6 @@ LORA_TARGETS = ("attn1_to_q", "attn1_to_k", "attn1_to_v", "attn2_to_q", "attn2_t
 def export_sana_lora(lora_factors, alpha: float, path: str | os.PathLike) -> Path:
     """LoRA factors of the SANA transformer -> a diffusers LoRA file (PEFT key names, `transformer.` prefix)
     that `SanaPipeline.load_lora_weights` reads; module names come from the key table."""
-    from ddspo_jax import lora
-    from ddspo_jax.convert.common import write_safetensors
 
     name = lambda p: SANA_TABLE.torch_key(p + ("kernel",), 2)[:-len(".weight")]  # noqa: E731
     path = Path(path)

@@ -14,9 +14,10 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from ddspo_jax import lora
 from ddspo_jax.convert.common import (
-    ConversionError, KeyTable, export_dtype, params_from_state_dict, resolve_component, state_dict_from_params,
-    write_safetensors,
+    ConversionError, export_dtype, KeyTable, params_from_state_dict, resolve_component, state_dict_from_params,
+    write_safetensors
 )
 from ddspo_jax.models.unet import UNet2DConditionModel, UNetConfig
 
@@ -88,9 +89,7 @@ def export_unet(model: UNet2DConditionModel | UNetConfig | Mapping, params, out_
 def export_lora(lora_factors, alpha: float, path: str | os.PathLike) -> Path:
     """LoRA factors of the UNet -> a diffusers LoRA file (PEFT key names, `unet.` prefix) that
     `pipeline.load_lora_weights` reads; module names come from the UNet's key table."""
-    from ddspo_jax import lora
 
-    from ddspo_jax.convert.common import write_safetensors
 
     name = lambda path: UNET_TABLE.torch_key(path + ("kernel",), 2)[:-len(".weight")]  # noqa: E731
     path = Path(path)

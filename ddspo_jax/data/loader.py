@@ -42,8 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from ddspo_jax.data.records import decode_record, read_manifest, RecordError
 from ddspo_jax.errors import ConfigError, DataError
-from ddspo_jax.data.records import RecordError, read_manifest
 
 __all__ = ["PairSource", "PairLoader", "VARIANTS"]
 
@@ -100,7 +100,6 @@ class PairSource:
         return f"{self.paths[shard]}: record {index - start}"
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from ddspo_jax.data.records import decode_record
 
         index = int(index)
         try:

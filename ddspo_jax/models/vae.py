@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from ddspo_jax.models.layers import (
-    ATTENTION_IMPLS, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, attention, conv, maybe_remat,
+    attention, ATTENTION_IMPLS, conv, Downsample2D, GroupNorm, maybe_remat, ResnetBlock2D, Upsample2D
 )
 from ddspo_jax.models.unet import UnsupportedConfigError
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 
 from ddspo_jax.errors import ConfigError
-from ddspo_jax.scoring.registry import SCORERS, Scorer, register
+from ddspo_jax.scoring.registry import register, Scorer, SCORERS
 
 __all__ = ["Scorer", "SCORERS", "register", "make_scorer", "known", "PLUGINS"]
 

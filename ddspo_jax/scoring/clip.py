@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddspo_jax.backbones.text import load_tokenizer, tokenize
+from ddspo_jax.convert.clip import load_aesthetic_head, load_clip_model, load_clip_vision
 from ddspo_jax.errors import MissingFileError, ModelError
 from ddspo_jax.scoring.registry import register
 
@@ -182,8 +184,6 @@ class _ClipPair:
     name, unit = "", ""
 
     def __init__(self, path):
-        from ddspo_jax.backbones.text import load_tokenizer
-        from ddspo_jax.convert.clip import load_clip_model
 
         if not path:
             raise ModelError(f"scorer {self.name!r} needs --scorer-path: a local CLIPModel folder")
@@ -204,7 +204,6 @@ class _ClipPair:
         self._cosine = jax.jit(cosine)
 
     def cosine(self, images, prompts: Sequence[str]):
-        from ddspo_jax.backbones.text import tokenize
 
         # padding to max_length equals transformers' padding=True: causal attention never sees the pads
         ids, mask, _ = tokenize(self.tokenizer, list(prompts), self.max_length)
@@ -255,7 +254,6 @@ class Aesthetic:
     name, unit = "aesthetic", "aesthetic score"
 
     def __init__(self, path, head: str | None = None, **_):
-        from ddspo_jax.convert.clip import load_aesthetic_head, load_clip_vision
 
         if not path:
             raise ModelError("scorer 'aesthetic' needs --scorer-path: a local CLIP ViT-L/14 folder")
