@@ -33,8 +33,23 @@ import sys
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server here: libtpu asks for it otherwise
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # libtpu's TPU_ACCELERATOR_TYPE / WORKER_HOSTNAMES notices
+
+
+def accelerator_type(topology: str) -> str:
+    """The TPU_ACCELERATOR_TYPE name of a topology ("v5e:2x4" -> "v5litepod-8"): libtpu reads it at start-up
+    and warns (harmlessly) when it is missing on a host without a TPU."""
+    kind, _, dims = topology.partition(":")
+    chips = 1
+    for d in dims.split("x") if dims else []:
+        chips *= int(d) if d.isdigit() else 1
+    return {"v5e": f"v5litepod-{chips}", "v6e": f"v6e-{chips}"}.get(kind, f"{kind}-{2 * chips}")
+
+
+# Before JAX starts: no metadata server or TPU here, so libtpu is told what it would otherwise look up.
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator_type(next(
+    (sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a == "--topology"), "v5e:2x4")))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host's own backend; TPU devices come from the topology only
 
 import jax  # noqa: E402

@@ -211,3 +211,42 @@ def test_world_shapes_counts_hits_on_rendered_truth_and_on_circles_drawn_as_squa
     coloured = [q for q in asked if "color" in q]
     assert math.isclose(squared["colour_shape_hit"],
                         1 - sum(q["class"] == "circle" for q in coloured) / len(coloured)), squared
+
+
+def _tpu_aot():
+    spec = importlib.util.spec_from_file_location("bench_tpu_aot", SCRIPT.parent / "tpu_aot.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tpu_step_time_estimate_by_hand():
+    """The cost model's time where it is positive and not below half the roofline, else the roofline:
+    max(flops / peak, bytes / bandwidth) -- hand-made cases (a negative optimal_seconds, as libtpu gave for
+    SD-1.5, falls back)."""
+    est = _tpu_aot().estimate
+    assert est(197e12, 1e9, 1.5, 197e12, 819e9) == (1.5, "cost model")
+    assert est(197e12, 1e9, -679.9, 197e12, 819e9) == (1.0, "roofline")  # compute-bound: 1 s
+    assert est(1e12, 819e9, 0.0, 197e12, 819e9) == (1.0, "roofline")  # memory-bound: 1 s
+    assert est(197e12, 1e9, 0.2, 197e12, 819e9) == (1.0, "roofline")  # below half the roofline: not plausible
+
+
+TPU_PYTHON = Path(os.environ.get("DDSPO_TPU_PYTHON", Path(__file__).resolve().parents[1] / ".venv-tpu/bin/python"))
+
+
+@pytest.mark.slow  # ~3 min: one TPU compile of the tiny step on 2 cores
+@pytest.mark.skipif(not TPU_PYTHON.is_file(), reason="no libtpu venv (.ci/run makes .venv-tpu with '.[tpu-aot]')")
+def test_tpu_aot_compiles_the_real_step_for_a_v5e_slice():
+    """benchmarks/tpu_aot.py in the libtpu venv: the tiny model's train step compiled by the TPU compiler for
+    four compile-only v5e chips at fsdp 4; per-chip resident bytes are the fsdp shards (a quarter of the
+    single-chip figure the CPU proxy gives for the same config), the row says which estimate it used."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    proc = subprocess.run([str(TPU_PYTHON), str(SCRIPT.parent / "tpu_aot.py"), "--topology", "v5e:2x2",
+                           "--models", "tiny", "--fsdp", "4"], capture_output=True, text=True, timeout=1500, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "4 compile-only TPU v5 lite chips" in proc.stdout, proc.stdout
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("|  tiny"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "data=1 fsdp=4" and cells[9] == "yes" and cells[14] in ("cost model", "roofline"), cells
+    result = dict(kv.split("=") for kv in proc.stdout.strip().splitlines()[-1].split()[1:])
+    assert 0 < float(result["tiny_v5e-2x2_fsdp4_mb1_block_peak"]) < 1 and float(result["tiny_v5e-2x2_fsdp4_mb1_block_tflop"]) > 0
