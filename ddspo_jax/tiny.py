@@ -1,5 +1,6 @@
 """python -m ddspo_jax.tiny [FOLDER] [--family F] [--write-prompts]: build (or find) the embedded tiny model
-of a family (`--help` lists them) and print its folder; the commands reach it by `model.path=tiny[-<family>][:FOLDER]`.
+of a family (`--help` lists them) and print its folder; the commands reach it by
+`model.path=tiny[-<family>][:FOLDER]`.
 
 The tiny model is a complete diffusers pipeline folder with random weights, built offline and deterministically
 (ddspo_jax/backbones/tiny.py), so the whole road runs on a CPU in minutes with nothing downloaded.
