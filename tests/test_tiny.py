@@ -130,3 +130,11 @@ def test_diffusers_loads_sdxl_and_unet_matches(tiny_xl):
     got = unet.apply({"params": p}, jnp.asarray(x), jnp.asarray(t), jnp.asarray(emb),
                      added_cond={"text_embeds": jnp.asarray(pooled), "time_ids": jnp.asarray(time_ids)})
     _close(got, want.permute(0, 2, 3, 1).numpy(), name="sdxl unet")
+
+
+def test_the_tiny_vocabulary_knows_the_world_words():
+    """backbones/tiny.py writes the scene world's words instead of importing the world (the world builds on
+    it): the two lists must stay equal, so every world word stays a single token."""
+    from ddspo_jax.world.scenes import COLORS, SHAPES
+
+    assert tuple(tiny_parts.WORLD_SHAPES) == tuple(SHAPES) and tuple(tiny_parts.WORLD_COLOURS) == tuple(COLORS)
