@@ -34,7 +34,6 @@ import warnings
 from pathlib import Path
 
 
-
 def accelerator_type(topology: str) -> str:
     """The TPU_ACCELERATOR_TYPE name of a topology ("v5e:2x4" -> "v5litepod-8"): libtpu reads it at start-up
     and warns (harmlessly) when it is missing on a host without a TPU."""
@@ -45,12 +44,19 @@ def accelerator_type(topology: str) -> str:
     return {"v5e": f"v5litepod-{chips}", "v6e": f"v6e-{chips}"}.get(kind, f"{kind}-{2 * chips}")
 
 
-# Before JAX starts: no metadata server or TPU here, so libtpu is told what it would otherwise look up.
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator_type(next(
-    (sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a == "--topology"), "v5e:2x4")))
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host's own backend; TPU devices come from the topology only
+def libtpu_environment(argv) -> None:
+    """Before JAX starts (run as a script only: an importer's environment is left alone -- TPU_WORKER_HOSTNAMES
+    would make every later JAX program of that process start a multi-process runtime): no metadata server or
+    TPU here, so libtpu is told what it would otherwise look up; the host's own backend is the CPU."""
+    topology = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--topology"), "v5e:2x4")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator_type(topology))
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # TPU devices come from the topology only
+
+
+if __name__ == "__main__":
+    libtpu_environment(sys.argv)
 
 import jax  # noqa: E402
 

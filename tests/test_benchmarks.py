@@ -224,7 +224,9 @@ def test_tpu_step_time_estimate_by_hand():
     """The cost model's time where it is positive and not below half the roofline, else the roofline:
     max(flops / peak, bytes / bandwidth) -- hand-made cases (a negative optimal_seconds, as libtpu gave for
     SD-1.5, falls back)."""
+    before = dict(os.environ)
     est = _tpu_aot().estimate
+    assert dict(os.environ) == before  # imported, it sets no TPU_* variable (they start multi-process runtimes)
     assert est(197e12, 1e9, 1.5, 197e12, 819e9) == (1.5, "cost model")
     assert est(197e12, 1e9, -679.9, 197e12, 819e9) == (1.0, "roofline")  # compute-bound: 1 s
     assert est(1e12, 819e9, 0.0, 197e12, 819e9) == (1.0, "roofline")  # memory-bound: 1 s
