@@ -36,11 +36,14 @@ class Trainable:
     to_unet_params: Callable  # (params, ref) -> the trained denoiser's params (for sample grids, evaluation)
 
 
-def make_denoisers(backbone, embed=None, pair_alpha: float | None = None):
+def _as_is(r, c, g):
+    """Records hold the conditioning itself (embeddings): nothing to run."""
+    return c
+
+
+def make_denoisers(backbone, embed=_as_is, pair_alpha: float | None = None):
     """(base_denoise, denoise_ref): the frozen base with LoRA terms x A B where factors say, and the reference
     as the step calls it -- `adapters` names the DD-CPP pair's adapter per row block ("w", "l" or None)."""
-    embed = embed or (lambda r, c, g: c)
-
     def base_denoise(r, x, t, c, gr, factors=None, alpha=1.0):
         """The frozen base (blocks gathered per call), with LoRA terms x A B added where factors say."""
         with lora.forward(factors, alpha):
@@ -82,7 +85,7 @@ def build(cfg, backbone, mesh, manifest: dict, log=print) -> Trainable:
     ref_dtype = jnp.dtype(cfg.model.ref_dtype or cfg.model.dtype)
     frozen = lambda tree: parallel.shard_tree(jax.tree.map(lambda x: np.asarray(x).astype(ref_dtype), tree), mesh)  # noqa: E731
     ref_params = {"unet": frozen(host_unet)}
-    embed = None
+    embed = _as_is
     if "input_ids" in manifest.get("conditioning", {}):  # token-ids-only records: run the frozen encoders here
         backbone.load_extras(text=True, vae=False)
         ref_params["text"] = frozen(backbone.text_params)
@@ -94,7 +97,6 @@ def build(cfg, backbone, mesh, manifest: dict, log=print) -> Trainable:
         ref_params["pair"] = frozen(pair)
         log(f"DD-CPP targets from the trained pair in {cfg.train.cpp_pair} ({lora.count(pair):,} parameters)")
     base_denoise, denoise_ref = make_denoisers(backbone, embed, pair_alpha)
-    embed = embed or (lambda r, c, g: c)
 
     if cfg.model.lora_rank > 0:  # train low-rank factors on the frozen base, which is also the reference
         alpha = cfg.model.lora_alpha or float(cfg.model.lora_rank)
