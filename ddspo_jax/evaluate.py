@@ -27,7 +27,7 @@ import numpy as np
 
 from ddspo_jax.data.prompts import load_prompts
 from ddspo_jax.errors import ConfigError, DataError, run_command
-from ddspo_jax.files import write_text_atomic
+from ddspo_jax.files import remove_orphan_temps, write_text_atomic
 from ddspo_jax.sample import check_common_args, generate_images, load_model, model_identity, save_png
 from ddspo_jax.scoring import make_scorer
 
@@ -161,6 +161,7 @@ def generate_or_load(name: str, spec: str, prompts: Sequence[str], folder: Path,
 
     n, ipp = len(prompts), args.images_per_prompt
     folder.mkdir(parents=True, exist_ok=True)
+    remove_orphan_temps(folder)  # PNGs a killed run was writing (SIGKILL skips save_png's own clean-up)
     jobs = [(k, i) for k in range(ipp) for i in range(n)]
     path = lambda k, i: folder / f"{i:05d}_{k}.png"  # noqa: E731
     todo = [(k, i) for k, i in jobs if not path(k, i).is_file()]

@@ -21,7 +21,7 @@ from ddspo_jax.checkpoint import (
     base_family, base_folder, lora_alpha, merge_trained, restore_checkpoint_params, run_config, RunError
 )
 from ddspo_jax.errors import run_command
-from ddspo_jax.files import write_text_atomic
+from ddspo_jax.files import remove_orphan_temps, temp_beside, write_text_atomic
 
 
 class ExportError(RunError):
@@ -90,8 +90,8 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, step: int | None =
     base = base_folder(cfg)
     family = base_family(base)
     params = merge_trained(raw, cfg, base)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_beside(out)
+    remove_orphan_temps(out.parent, out.name)  # a killed export's half-written folder (and our own pid's)
     tmp.mkdir(parents=True)
     try:
         family.export_denoiser(base, params, tmp if unet_only else tmp / family.denoiser_folder, dtype=dtype)

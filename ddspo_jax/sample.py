@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from ddspo_jax import checkpoint
 from ddspo_jax.config import base_config
 from ddspo_jax.data.prompts import load_prompts
 from ddspo_jax.errors import run_command, UserError
-from ddspo_jax.files import write_text_atomic
+from ddspo_jax.files import remove_orphan_temps, temp_beside, write_text_atomic
 
 # The package's JAX-importing modules are imported inside the functions that use them: `--help` and a
 # mistyped argument answer in ~0.4 s instead of ~4 s (JAX, Flax, Orbax start-up, measured on 2 cores);
@@ -83,11 +82,11 @@ def save_png(img: np.ndarray, path: Path) -> None:
 
     if img.dtype != np.uint8:
         img = np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp = temp_beside(path)
     try:
         with tmp.open("wb") as f:  # pathlib or etils.epath (gs://) paths
             Image.fromarray(img).save(f, format="PNG")
-        tmp.replace(path)  # a kill mid-write leaves a .tmp file, never a truncated PNG that a re-run would trust
+        tmp.replace(path)  # a kill mid-write leaves a temp file (a re-run's remove_orphan_temps deletes it), never a truncated PNG
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -136,6 +135,7 @@ def run(args) -> dict:
         images[name] = np.concatenate(imgs)
         folder = out if name == "model" else out / "compare"
         folder.mkdir(exist_ok=True)
+        remove_orphan_temps(folder)  # what a killed sample left half-written
         for i, img in enumerate(images[name]):
             save_png(img, folder / f"{i:05d}_seed{args.seed}.png")
     per_row = max(1, int(np.ceil(np.sqrt(len(prompts)))))

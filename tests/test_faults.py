@@ -113,6 +113,28 @@ def test_png_writes_are_atomic(tmp_path, monkeypatch):
     assert not (tmp_path / "a.png").exists()
 
 
+def test_orphan_temps_of_dead_writers_only_are_removed(tmp_path):
+    """A SIGKILLed writer leaves its temp file (no `finally` runs): the next run deletes it, and never the temp
+    file of a writer that is still running, nor a file that only looks alike."""
+    from ddspo_jax.files import remove_orphan_temps
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = {"orphan": f".00003_0.png.tmp-{dead.pid}", "live": f".00004_0.png.tmp-{live.pid}",
+                 "dir": f".export.tmp-{dead.pid}", "user": "notes.tmp-1", "png": "00001_0.png"}
+        for key, name in names.items():
+            (tmp_path / name).mkdir() if key == "dir" else (tmp_path / name).write_text("x")
+        (tmp_path / names["dir"] / "unet").mkdir()
+        assert remove_orphan_temps(tmp_path, "elsewhere") == []  # `name` limits it to one target
+        assert sorted(remove_orphan_temps(tmp_path)) == sorted([names["orphan"], names["dir"]])
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names["live"], names["user"], names["png"]])
+    finally:
+        live.kill()
+        live.wait()
+
+
 # ---------------------------------------------------------------------------------------------- train
 def fake_backbone(tmp_path, family="sd", res=64, scale=4, ch=4):
     return SimpleNamespace(family=family, path=tmp_path / "model", default_resolution=lambda: res, vae_scale=scale,
@@ -363,6 +385,7 @@ def test_export_killed_midway_leaves_nothing_trusted(tmp_path):
     assert not out.exists()  # the pipeline appears only whole, by one rename
     res = run_cli(["ddspo_jax.export", "--run", str(run), "--out", str(out)], cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert not list(tmp_path.glob(".exported.tmp-*"))  # the killed export's half-written folder is gone too
     clean = tmp_path / "clean"
     ex.export(run, clean, log=lambda *_: None)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in clean.iterdir())

@@ -30,6 +30,7 @@ from ddspo_jax.backbones.sd import SD1Backbone, SDXLBackbone
 from ddspo_jax.backbones.text import require_components
 from ddspo_jax.backbones.tiny import MARKER, TINY_VERSION, write_json
 from ddspo_jax.errors import ConfigError, MissingFileError, ModelError, UserError
+from ddspo_jax.files import remove_orphan_temps, temp_beside
 from ddspo_jax.sampling import SAMPLERS
 
 
@@ -172,8 +173,8 @@ def ensure_tiny_model(folder: str | os.PathLike | None = None, *, family: str = 
     if verbose:
         print(f"building the tiny {family} model in {folder} (once; cached afterwards)", flush=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_beside(folder)
+    remove_orphan_temps(folder.parent, folder.name)  # a killed builder's leftover (a live one's is left alone)
     try:
         build_tiny_model(tmp, family, seed)
         if folder.is_dir() and not any(folder.iterdir()):
