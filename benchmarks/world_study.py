@@ -82,6 +82,8 @@ class Study:
         self.work.mkdir(parents=True, exist_ok=True)
         self.out.mkdir(parents=True, exist_ok=True)
         c = get_config()
+        if args.model:  # another world model (e.g. one from `world pretrain --caption-fragments`)
+            c.model.path = args.model
         c.data.prompt_limit = args.steps * args.batch  # fresh pairs: each seen once
         c.data.records = str(self.work / "records")
         c.data.perturb = (f"{args.perturb}:1.0",)
@@ -358,11 +360,11 @@ def cmd_ceiling(st: Study, args):
     n, b, bb = len(prompts), 64, st.bb
     groups = load_word_groups(PROMPTS / "world_word_groups.json")
     rep = sampling.replicate(bb.params, st.mesh)
-    for strategy in ("random_removal", "word_swap"):
+    for strategy in args.strategies.split(","):
         pert = Perturber({strategy: 1.0}, seed=st.cfg.seed, word_groups=groups,
                          frac_range=tuple(st.cfg.data.removal_range))
         negs = [pert(p, i).neg_prompt for i, p in enumerate(prompts)]
-        for lam in (0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0):
+        for lam in (float(x) for x in args.lams.split(",")):
             for seed in range(args.seeds):
                 if (strategy, str(lam), str(seed)) in done or (lam == 0.0 and strategy != "random_removal"):
                     continue
@@ -541,6 +543,9 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="runs/study")
     ap.add_argument("--perturb", default="random_removal", choices=("random_removal", "word_swap"),
                     help="c -> c- for every method's records (give each its own --work and --out)")
+    ap.add_argument("--model", default="", help="the world model folder (default: configs/world.py's, the shipped one)")
+    ap.add_argument("--strategies", default="random_removal,word_swap", help="ceiling: c- strategies")
+    ap.add_argument("--lams", default="0,0.05,0.1,0.2,0.5,1,2,4", help="ceiling: push sizes")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--dev-pairs", type=int, default=64, help="dev pairs for the held-out loss / accuracy")

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import numpy as np
 
 Dtype = Any
 
@@ -458,6 +459,20 @@ class Upsample2D(nn.Module):
         size = size or (2 * x.shape[1], 2 * x.shape[2])
         x = resize_nearest(x, tuple(size))
         return conv(self.out_channels, 3, self.dtype, self.param_dtype, "conv")(x)
+
+
+def sincos_pos_embed(dim: int, h: int, w: int, base_size: int, interpolation_scale: float) -> np.ndarray:
+    """diffusers' get_2d_sincos_pos_embed (float64, as it computes) -> [h*w, dim] (SANA's and SD3's)."""
+    gh = np.arange(h, dtype=np.float32) / (h / base_size) / interpolation_scale
+    gw = np.arange(w, dtype=np.float32) / (w / base_size) / interpolation_scale
+    grid = np.stack(np.meshgrid(gw, gh, indexing="xy"), 0).reshape(2, 1, w, h)
+
+    def one(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.outer(pos.reshape(-1).astype(np.float64), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], 1)
+
+    return np.concatenate([one(dim // 2, grid[0]), one(dim // 2, grid[1])], 1).astype(np.float32)
 
 
 class TimestepEmbedding(nn.Module):

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddspo_jax.models.layers import (GLUMBConv, LayerNorm, RMSNorm, TimestepEmbedding, attention,
-                                     check_remat_policy, timestep_embedding, unit)
+                                     check_remat_policy, sincos_pos_embed, timestep_embedding, unit)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -83,20 +83,6 @@ class SanaConfig:
     def named(cls, name: str) -> "SanaConfig":
         """A shipped real config: "sana_600m_1024" or "sana_1600m_1024"."""
         return cls.from_dict(json.loads((CONFIG_DIR / f"{name}.json").read_text()))
-
-
-def sincos_pos_embed(dim: int, h: int, w: int, base_size: int, interpolation_scale: float) -> np.ndarray:
-    """diffusers' get_2d_sincos_pos_embed (float64, as it computes) -> [h*w, dim]."""
-    gh = np.arange(h, dtype=np.float32) / (h / base_size) / interpolation_scale
-    gw = np.arange(w, dtype=np.float32) / (w / base_size) / interpolation_scale
-    grid = np.stack(np.meshgrid(gw, gh, indexing="xy"), 0).reshape(2, 1, w, h)
-
-    def one(d, pos):
-        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
-        out = np.outer(pos.reshape(-1).astype(np.float64), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], 1)
-
-    return np.concatenate([one(dim // 2, grid[0]), one(dim // 2, grid[1])], 1).astype(np.float32)
 
 
 def linear_attention(q, k, v, heads: int):

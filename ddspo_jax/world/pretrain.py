@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from ddspo_jax.config import base_config
+from ddspo_jax.data.perturb import random_removal
 from ddspo_jax.world import prompts as world_prompts, scenes
 
 # The package's JAX-importing modules are imported inside the functions that use them: `--help` and a
@@ -62,6 +63,7 @@ class PretrainConfig:
     lr_floor: float = 1.0     # cosine decay to lr_floor x lr (1.0: constant after warmup, as shipped)
     ema: float = 0.0          # > 0: export an EMA of the UNet's weights
     caption_dropout: float = 0.1
+    caption_fragments: float = 0.0  # fraction of captions replaced by a random-removal fragment (docs/world)
     checkpoint_every: int = 500
     captions: int = 4000
     seed: int = 0
@@ -286,6 +288,11 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
         rng = np.random.default_rng([cfg.seed, 2, i])
         emb = bb.encode(captions)["prompt_embeds"]
         drop = rng.random(len(captions)) < cfg.caption_dropout
+        if cfg.caption_fragments:  # in a branch: the defaults draw exactly what the shipped model's run drew
+            frag = (rng.random(len(captions)) < cfg.caption_fragments) & ~drop
+            captions = [random_removal(c, seed=cfg.seed, index=i * cfg.batch + j) if f else c
+                        for j, (c, f) in enumerate(zip(captions, frag))]
+            emb = bb.encode(captions)["prompt_embeds"]
         emb = np.where(drop[:, None, None], empty[None], emb)
         return {"z": encode(vae_params, jnp.asarray(images)), "c": jnp.asarray(emb)}
 
@@ -331,6 +338,8 @@ _HELP = {
     "lr_floor": "cosine decay after warmup to lr_floor x lr at the last step (1.0: constant)",
     "ema": "UNet weight EMA decay exported instead of the last iterate (0: off)",
     "caption_dropout": "fraction of empty captions (classifier-free guidance)",
+    "caption_fragments": "fraction of captions with 40-70 %% of their words removed (DDSPO's c-: trained on, "
+                         "f(c-) predicts what the fragment leaves open instead of an out-of-distribution guess)",
     "checkpoint_every": "steps between Orbax checkpoints (a re-run resumes from the latest)",
     "captions": "training captions drawn (world.prompts.training_set)",
     "seed": "seed of the captions, scenes, noise and the tiny builder's initial weights",
@@ -373,6 +382,9 @@ def from_args(args) -> PretrainConfig:
     for name in ("vae_steps", "unet_steps", "warmup", "captions", "seed"):
         if getattr(args, name) < 0:
             raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 0")
+    for name in ("caption_dropout", "caption_fragments"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: a fraction, must be in [0, 1]")
     for name in ("batch", "checkpoint_every"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
