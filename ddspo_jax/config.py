@@ -63,6 +63,8 @@ SCHEMA: dict[str, _F] = {
     "schedule.logit_mean": _F(0.0, "logit_normal: mean m of u = sigmoid(N(m, s))."),
     "schedule.logit_std": _F(1.0, "logit_normal: std s."),
     "schedule.mode_scale": _F(1.29, "mode sampling: scale (SD3's default)."),
+    "schedule.precondition_outputs": _F(False, "Flow only: the loss compares x_0 = x_t - sigma v instead of velocities "
+                                        "(the release's SD3 --precondition_outputs 1; sigma^2 times the velocity errors)."),
     "schedule.loss_weighting": _F("none", "Per-pair loss weight: none | linear (t / (T-1)).", choices=("none", "linear")),
     # --- objective and optimisation --------------------------------------------------------
     "train.objective": _F("ddspo", "Preference objective.", choices=OBJECTIVES),

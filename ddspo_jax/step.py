@@ -109,6 +109,15 @@ def pair_forward(denoise: Denoise, schedule, cfg, params, ref_params, batch, ids
 
     target_w = schedule.training_target(x0_w, nw, t)
     target_l = schedule.training_target(x0_l, nl, t)
+    to_w = to_l = lambda pred: pred  # noqa: E731
+    if cfg.schedule.precondition_outputs and schedule.kind != "flow":
+        raise ConfigError("schedule.precondition_outputs: only for flow models (SD3, SANA); this model's "
+                          f"schedule is {schedule.kind!r}")
+    if cfg.schedule.precondition_outputs:  # the loss in x_0 space, as the release trains SD3: x_0 = x_t - s v
+        x0_of = lambda x: lambda pred: None if pred is None else schedule.to_x0_eps(x, pred, t)[0]  # noqa: E731
+        to_w, to_l = x0_of(x_w), x0_of(x_l)
+        target_w, target_l = x0_w, x0_l
+        ref_w, ref_l, ref_neg_l, cpp_w, cpp_l = to_w(ref_w), to_l(ref_l), to_l(ref_neg_l), to_w(cpp_w), to_l(cpp_l)
     weight = schedule.loss_weight(t, cfg.schedule.loss_weighting)
     x_model, t_model, c_model = jnp.concatenate([x_w, x_l]), jnp.concatenate([tm, tm]), _cat([c, c])
 
@@ -118,7 +127,7 @@ def pair_forward(denoise: Denoise, schedule, cfg, params, ref_params, batch, ids
         else:
             out = model_apply(p, ref_params, x_model, t_model, c_model, g_params, g_ref)
         out = out.astype(jnp.float32)
-        return preference_loss(objective, model_w=out[:n], model_l=out[n:], ref_w=ref_w, ref_l=ref_l,
+        return preference_loss(objective, model_w=to_w(out[:n]), model_l=to_l(out[n:]), ref_w=ref_w, ref_l=ref_l,
                                target_w=target_w, target_l=target_l, ref_neg_l=ref_neg_l, cpp_w=cpp_w,
                                cpp_l=cpp_l, beta=cfg.train.beta, dspo_weight=cfg.train.dspo_weight, weight=weight)
 

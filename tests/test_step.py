@@ -227,3 +227,44 @@ def test_skipped_step_keeps_state_and_leaves_no_residue(setup):
     text = train_step.update.lower(state, acc).compile().as_text()
     assert text.count(" copy(") < len(jax.tree.leaves(params)), "the update copies state leaves"
 
+
+
+@pytest.mark.parametrize("objective", ["ddspo", "dpo", "sft"])
+def test_precondition_outputs_puts_the_loss_in_x0_space(setup, objective):
+    """schedule.precondition_outputs (the release's SD3): every prediction v becomes x_0 = x_t - sigma v and
+    the target x_0 itself, written out here in float64 from the same t, noise and predictions."""
+    model, params, b = setup
+    ref_params = jax.tree.map(lambda p: p * 0.9, params)  # the reference differs from the model
+    cfg = make_cfg(objective, batch=4)
+    cfg.schedule.kind, cfg.schedule.timestep_sampling = "flow", "logit_normal"
+    cfg.schedule.precondition_outputs = True
+    sched = schedules.from_config(cfg.schedule)
+    batch = {k: jax.tree.map(lambda a: jnp.asarray(a[:4]), v) for k, v in b.items()}
+    key, ids = jax.random.key(5), jnp.arange(4)
+    denoise = lambda p, x, t, cond, g=None: model.apply({"params": p}, x, t, cond["hidden"])  # noqa: E731
+    loss, _ = step_lib.pair_forward(denoise, sched, cfg, params, ref_params, batch, ids, key)(params)
+
+    t, nw, nl, _ = step_lib.pair_noise(sched, cfg, key, ids, batch["x0_w"])
+    f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    s = f64(t)[:, None, None, None]
+    x0w, x0l = f64(batch["x0_w"]), f64(batch["x0_l"])
+    xw, xl = (1 - s) * x0w + s * f64(nw), (1 - s) * x0l + s * f64(nl)
+    v = lambda p, x, c: f64(model.apply({"params": p}, jnp.asarray(x, jnp.float32), t * 1000.0, c))  # noqa: E731
+    to_x0 = lambda x, pred: x - s * pred  # noqa: E731
+    cw, cl = batch["cond_w"]["hidden"], batch["cond_l"]["hidden"]
+    mw, ml = to_x0(xw, v(params, xw, cw)), to_x0(xl, v(params, xl, cw))
+    rw, rl = to_x0(xw, v(ref_params, xw, cw)), to_x0(xl, v(ref_params, xl, cw))
+    mse = lambda a, c: ((a - c) ** 2).mean(axis=(1, 2, 3))  # noqa: E731
+    if objective == "sft":
+        want = mse(mw, x0w).mean()
+    else:
+        if objective == "ddspo":
+            rneg = to_x0(xl, v(ref_params, xl, cl))
+            inside = mse(mw, rw) - (mse(ml, rneg) - mse(rl, rneg))
+        else:
+            inside = (mse(mw, x0w) - mse(rw, x0w)) - (mse(ml, x0l) - mse(rl, x0l))
+        want = np.mean(np.log1p(np.exp(0.5 * cfg.train.beta * inside)))  # -log sigmoid(-0.5 beta inside)
+    np.testing.assert_allclose(float(loss), want, rtol=2e-4)
+    cfg.schedule.precondition_outputs = False  # and it is not the velocity-space loss
+    plain, _ = step_lib.pair_forward(denoise, sched, cfg, params, ref_params, batch, ids, key)(params)
+    assert abs(float(plain) - want) > 1e-3 * abs(want)

@@ -134,3 +134,26 @@ def test_sd_vae_param_count():
     model = AutoencoderKL.from_config(cfg)
     assert model.config.scaling_factor == 0.18215
     assert sum(x.size for x in jax.tree.leaves(model.init_shapes())) == 83_653_863
+
+
+def test_sd3_style_vae_shift_and_no_quant_convs(tmp_path):
+    """SD3's VAE: 16 latent channels, no quant / post-quant convs, latents (mean - shift_factor) x
+    scaling_factor as StableDiffusion3Pipeline computes them, and decoded from z / scaling + shift."""
+    torch.manual_seed(1)
+    cfg = dict(TINY, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305,
+               shift_factor=0.0609)
+    vae = diffusers.AutoencoderKL(**cfg).eval()
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    vae.save_pretrained(tmp_path / "vae")
+    assert vae.quant_conv is None and vae.post_quant_conv is None
+    images = np.random.default_rng(1).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    with torch.no_grad():
+        mean = vae.encode(torch.tensor(images.transpose(0, 3, 1, 2))).latent_dist.mean
+        latents = (mean - 0.0609) * 1.5305  # the pipeline's formula, written out
+        decoded = vae.decode(latents / 1.5305 + 0.0609).sample.numpy().transpose(0, 2, 3, 1)
+    model, params = load_vae(tmp_path / "vae")
+    ours = model.apply({"params": params}, images, method="encode")
+    _check(ours, latents.numpy().transpose(0, 2, 3, 1), "sd3 latents")
+    _check(model.apply({"params": params}, ours, method="decode"), decoded, "sd3 decode")
