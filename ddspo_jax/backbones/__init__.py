@@ -1,4 +1,4 @@
-"""What differs between model families (SD-1.x, SDXL, SANA), behind one small interface.
+"""What differs between model families (SD-1.x, SDXL, SANA, SD3), behind one small interface.
 
 `step.py`, `prepare.py`, `sample.py`, `export.py` and `train.py` are written once against `Backbone`:
 - `denoise(params, x_t, t, cond, gather=None)` -> the schedule's prediction (epsilon, v or flow velocity), NHWC;
@@ -8,7 +8,7 @@
 - `encode_images(images)` / `decode(latents)` between images in [0, 1] and scaled latents;
 - class-level facts: generation defaults (paper settings), the denoiser's folder, loader, exporter and LoRA
   targets and file, and the embedded tiny model.
-The interface is in `base.py`, one module per family (`sd.py`, `sana.py`), the tiny model's parts in `tiny.py`;
+The interface is in `base.py`, one module per family (`sd.py`, `sana.py`, `sd3.py`), the tiny model's parts in `tiny.py`;
 this module is the registry: `detect_family(folder)` reads `model_index.json`, `load_backbone` builds one, and
 `resolve_path` turns "tiny[-<family>]" into the embedded tiny model's folder (built on first use). Records store
 the conditioning pytree as `encode` produced it, so the step never asks which model it runs. Adding a
@@ -27,6 +27,7 @@ from typing import Any
 from ddspo_jax.backbones.base import Backbone, dtype_of, schedule_from_folder
 from ddspo_jax.backbones.sana import SanaBackbone
 from ddspo_jax.backbones.sd import SD1Backbone, SDXLBackbone
+from ddspo_jax.backbones.sd3 import SD3Backbone
 from ddspo_jax.backbones.text import require_components
 from ddspo_jax.backbones.tiny import MARKER, TINY_VERSION, write_json
 from ddspo_jax.errors import ConfigError, MissingFileError, ModelError, UserError
@@ -36,10 +37,10 @@ from ddspo_jax.sampling import SAMPLERS
 
 def _registry() -> dict[str, type[Backbone]]:
 
-    return {c.family: c for c in (SD1Backbone, SDXLBackbone, SanaBackbone)}
+    return {c.family: c for c in (SD1Backbone, SDXLBackbone, SanaBackbone, SD3Backbone)}
 
 
-FAMILY_NAMES = ("sd", "sdxl", "sana")  # the registry's keys, for config validation without importing models
+FAMILY_NAMES = ("sd", "sdxl", "sana", "sd3")  # the registry's keys, for config validation without importing models
 
 
 def family_class(family: str) -> type[Backbone]:

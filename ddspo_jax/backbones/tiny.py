@@ -102,7 +102,7 @@ WORLD_SHAPES = ("circle", "square", "triangle", "ring")
 WORLD_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 
 
-def _words() -> list[str]:
+def prompt_words() -> list[str]:
     """Every word the prompt generator or the scene world's prompts can emit (what the tokenizer must know as
     single tokens: a shape word split into letters, "c i r c le", leaves a random frozen text encoder's
     outputs for "circle" and "ring" sharing their tokens, and the world model's UNet confused them)."""
@@ -136,7 +136,7 @@ def tiny_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     EOS as the two largest ids (transformers' legacy pooling takes the argmax id as EOS)."""
     base = list(_bytes_to_unicode().values())
     vocab_list = base + [c + "</w>" for c in base]
-    words = [tuple(w[:-1]) + (w[-1] + "</w>",) for w in _words()]
+    words = [tuple(w[:-1]) + (w[-1] + "</w>",) for w in prompt_words()]
     merges: list[str] = []
     while True:
         counts: dict[tuple[str, str], int] = {}

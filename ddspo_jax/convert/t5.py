@@ -1,7 +1,7 @@
 """T5 encoder weights: transformers safetensors -> Flax params for `models.t5.T5EncoderModel` (SD3's third text
 encoder). A `T5EncoderModel` checkpoint holds `shared.weight` and the `encoder.*` stack (the tied
-`encoder.embed_tokens.weight` copy, where present, is the same table). Load only: the encoder is frozen, and
-`export` copies its folder as it was."""
+`encoder.embed_tokens.weight` copy, where present, is the same table). The encoder is frozen: `export` copies
+its folder as it was; `export_t5` exists for the embedded tiny SD3 model."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddspo_jax.convert.common import ConversionError, KeyTable, params_from_state_dict, resolve_component
+from ddspo_jax.convert.common import (
+    ConversionError, export_dtype, KeyTable, params_from_state_dict, resolve_component, state_dict_from_params,
+    write_safetensors
+)
 from ddspo_jax.models.t5 import T5Config, T5EncoderModel
 
 T5_TABLE = KeyTable(
@@ -45,4 +48,18 @@ def load_t5(path: str | os.PathLike, dtype=jnp.bfloat16, param_dtype=jnp.bfloat1
     return model, jax.tree.map(jnp.asarray, params)
 
 
-__all__ = ["T5_TABLE", "load_t5"]
+def export_t5(config: dict, params, out_dir: str | os.PathLike, dtype: Any = "float32"):
+    """Flax params -> a transformers `T5EncoderModel` folder (config.json + model.safetensors)."""
+    import json
+    from pathlib import Path
+
+    T5Config.from_dict(config)  # validates before anything is written
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(state_dict_from_params(T5_TABLE, params, dtype=export_dtype(dtype)),
+                      out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+    return out
+
+
+__all__ = ["T5_TABLE", "export_t5", "load_t5"]
