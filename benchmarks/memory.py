@@ -108,12 +108,35 @@ def sana_micro_batch(cfg, n, mesh, tokens=300):
             "cond_l": cond()}
 
 
+def sd3_micro_batch(cfg, hw, n, mesh, tokens=77 + 77):
+    """Abstract micro-batch of n SD3 pairs: bf16 latents, the joint CLIP + T5 embeddings (77 + 77 tokens, as
+    the release's max_sequence_length 77) and the pooled CLIP embeddings."""
+    sh = parallel.batch_sharding(mesh)
+    a = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=sh)  # noqa: E731
+    cond = lambda: {"prompt_embeds": a(n, tokens, cfg.joint_attention_dim),  # noqa: E731
+                    "pooled_prompt_embeds": a(n, cfg.pooled_projection_dim)}
+    return {"x0_w": a(n, hw, hw, cfg.in_channels), "x0_l": a(n, hw, hw, cfg.in_channels), "cond_w": cond(),
+            "cond_l": cond()}
+
+
 def build(config, hw: int, mesh, per_dev: int, remat: str, optimizer: str = "adamw", dtype: str = "bfloat16"):
     """(train step, abstract params, reference, micro-batch, train config) of a diffusers UNet config (dict)
-    or a SANA config name ("sana_600m_1024"), from shapes only."""
+    or a SANA / SD3 config name ("sana_600m_1024", "sd3_medium") or an MMDiTConfig, from shapes only."""
     cd = jnp.dtype(dtype)
     cfg = base_config()
-    if isinstance(config, str):  # SANA: its release config (flow schedule, the release's optimizer)
+    from ddspo_jax.models.mmdit import MMDiTConfig, SD3Transformer2DModel
+
+    if isinstance(config, str) and config.startswith("sd3"):
+        config = MMDiTConfig.named(config)
+    if isinstance(config, MMDiTConfig):  # SD3: its release config (flow, logit-normal t, x_0-space loss)
+        from ddspo_jax.backbones.sd3 import SD3Backbone
+        from ddspo_jax.configs.sd3 import get_config as sd3_config
+
+        cfg = sd3_config()
+        model = SD3Transformer2DModel(config, dtype=cd, param_dtype=jnp.float32, remat_policy=remat)
+        make_backbone = lambda sch: SD3Backbone(Path("."), model, None, sch)  # noqa: E731
+        mb = sd3_micro_batch(model.config, hw, per_dev * mesh.size, mesh)
+    elif isinstance(config, str):  # SANA: its release config (flow schedule, the release's optimizer)
         from ddspo_jax.backbones.sana import SanaBackbone
         from ddspo_jax.configs.sana import get_config as sana_config
         from ddspo_jax.models.sana import SanaConfig, SanaTransformer2DModel

@@ -90,6 +90,15 @@ def test_per_device_memory_falls_with_fsdp():
     assert four["resident"] <= 0.35 * one["resident"], (four["resident"], one["resident"])
     assert four["acc"] <= 0.35 * one["acc"] and four["opt"] <= 0.35 * one["opt"]
 
+    from ddspo_jax.models.mmdit import MMDiTConfig  # SD3's step (x_0-space DDSPO) shards the same way
+
+    sd3 = MMDiTConfig(sample_size=8, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+                      joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+                      pos_embed_max_size=8)
+    one = measure_config(sd3, 8, parallel.make_mesh(1, 1, jax.devices()[:1]), 1, "block")
+    four = measure_config(sd3, 8, parallel.make_mesh(1, 4, jax.devices()[:4]), 1, "block")
+    assert abs(four["xla_args_check"]) * 2**30 < 4096 and four["resident"] <= 0.35 * one["resident"]
+
 
 @pytest.mark.slow  # ~3 min: a two-run sweep, its resume, one final run and the report
 def test_world_study_miniature(tmp_path):
