@@ -81,6 +81,31 @@ def test_batches_are_a_pure_function_of_seed_phase_step():
     assert ca == cb and np.array_equal(a, b) and not np.array_equal(a, c)
 
 
+def test_caption_fragments_replace_a_share_of_kept_captions_by_random_removals():
+    """--caption-fragments: about that share of the non-dropped captions become DDSPO's random-removal
+    fragments of themselves (words kept in order, 40-70 % gone); the dropout draw is the one the defaults make
+    (the shipped model's run), and the defaults change no caption."""
+    from ddspo_jax.data.perturb import random_removal
+
+    caps = [f"a photo of two red circles and {i} blue squares" for i in range(64)]
+    base = pretrain.PretrainConfig(out="", batch=64)
+    frag = pretrain.PretrainConfig(out="", batch=64, caption_fragments=0.3)
+    n_frag = 0
+    for step in range(20):
+        same, drop0 = pretrain.unet_captions(base, step, caps)
+        out, drop = pretrain.unet_captions(frag, step, caps)
+        assert same == caps and np.array_equal(drop0, np.random.default_rng([0, 2, step]).random(64) < 0.1)
+        assert np.array_equal(drop, drop0)
+        for j, (c, o) in enumerate(zip(caps, out)):
+            if o != c:
+                assert not drop[j] and o == random_removal(c, seed=0, index=step * 64 + j)
+                words = c.split()
+                assert 0.3 <= 1 - len(o.split()) / len(words) <= 0.75  # 40-70 % of 10 words, rounded
+                n_frag += 1
+    kept = 20 * 64 * 0.9
+    assert 0.25 * kept < n_frag < 0.35 * kept
+
+
 def test_ema_phase_returns_the_moving_average_of_the_iterates(tmp_path):
     """--ema: the phase returns e_i = d_i e_{i-1} + (1 - d_i) p_i with d_i = min(ema, (1 + i) / (10 + i)), the
     iterates p_i recomputed here with the phase's optimizer; without EMA it returns the last iterate."""

@@ -101,6 +101,20 @@ def batch_of_scenes(cfg: PretrainConfig, phase: int, step: int, metas: list[dict
     return np.stack(images), captions
 
 
+def unet_captions(cfg: PretrainConfig, step: int, captions: list[str]) -> tuple[list[str], np.ndarray]:
+    """The UNet step's captions and which of them are dropped to the empty prompt (CFG): a pure function of
+    (seed, step). With `caption_fragments`, that share of the kept captions loses 40-70 % of its words
+    (DDSPO's random removal), so the model learns what a fragment leaves open; the draws for the defaults are
+    those of the shipped model's run (the fragment draw comes after them)."""
+    rng = np.random.default_rng([cfg.seed, 2, step])
+    drop = rng.random(len(captions)) < cfg.caption_dropout
+    if cfg.caption_fragments:
+        frag = (rng.random(len(captions)) < cfg.caption_fragments) & ~drop
+        captions = [random_removal(c, seed=cfg.seed, index=step * cfg.batch + j) if f else c
+                    for j, (c, f) in enumerate(zip(captions, frag))]
+    return captions, drop
+
+
 def _optimizer(lr: float, warmup: int, steps: int, floor: float):
     """AdamW, linear warmup, then cosine decay to `floor` x lr at the last step (floor 1.0: constant, as the
     shipped model was trained; a decay to 0.1 with an EMA did not raise its held-out score, README)."""
@@ -285,15 +299,8 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
 
     def unet_batch(i):
         images, captions = batch_of_scenes(cfg, 1, i, metas)
-        rng = np.random.default_rng([cfg.seed, 2, i])
-        emb = bb.encode(captions)["prompt_embeds"]
-        drop = rng.random(len(captions)) < cfg.caption_dropout
-        if cfg.caption_fragments:  # in a branch: the defaults draw exactly what the shipped model's run drew
-            frag = (rng.random(len(captions)) < cfg.caption_fragments) & ~drop
-            captions = [random_removal(c, seed=cfg.seed, index=i * cfg.batch + j) if f else c
-                        for j, (c, f) in enumerate(zip(captions, frag))]
-            emb = bb.encode(captions)["prompt_embeds"]
-        emb = np.where(drop[:, None, None], empty[None], emb)
+        captions, drop = unet_captions(cfg, i, captions)
+        emb = np.where(drop[:, None, None], empty[None], bb.encode(captions)["prompt_embeds"])
         return {"z": encode(vae_params, jnp.asarray(images)), "c": jnp.asarray(emb)}
 
     weights = jnp.asarray(min_snr_weights(np.asarray(sched.alphas_cumprod), cfg.min_snr), jnp.float32)
