@@ -57,10 +57,6 @@ class OutOfMemory(UserError, RuntimeError):
     """RESOURCE_EXHAUSTED, with the keys that lower the per-device memory."""
 
 
-# What a user's config, files or data can cause (ddspo_jax.errors); everything else is a bug and keeps its traceback.
-USER_ERRORS = (UserError,)
-
-
 def peak_flops(device) -> float | None:
     kind = getattr(device, "device_kind", "")
     return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)

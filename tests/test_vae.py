@@ -157,3 +157,14 @@ def test_sd3_style_vae_shift_and_no_quant_convs(tmp_path):
     ours = model.apply({"params": params}, images, method="encode")
     _check(ours, latents.numpy().transpose(0, 2, 3, 1), "sd3 latents")
     _check(model.apply({"params": params}, ours, method="decode"), decoded, "sd3 decode")
+
+
+def test_sd3_vae_param_count():
+    """SD3-Medium's vae/config.json (16 latent channels, no quant convs) against diffusers' own count."""
+    cfg = dict(json.loads((CONFIGS / "sd_vae.json").read_text()), latent_channels=16, use_quant_conv=False,
+               use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609)
+    with torch.device("meta"):
+        want = sum(p.numel() for p in diffusers.AutoencoderKL(**{k: v for k, v in cfg.items()
+                                                                 if not k.startswith("_")}).parameters())
+    model = AutoencoderKL.from_config(cfg)
+    assert sum(x.size for x in jax.tree.leaves(model.init_shapes())) == want == 83_819_683
