@@ -51,6 +51,30 @@ def test_few_step_pretrain_resumes_and_writes_a_diffusers_pipeline(tmp_path):
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), part
 
 
+@pytest.mark.slow  # ~1 min: one short pretrain from the shipped model
+def test_train_text_encoder_exports_a_trained_encoder_the_pipeline_uses(tmp_path):
+    """--train-text-encoder: the UNet phase also trains the CLIP text encoder (from --init's), the folder
+    holds the new encoder, and the pipeline's prompt embeddings come from it (diffusers reads it)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from safetensors.numpy import load_file
+
+    from ddspo_jax.configs.world import WORLD_MODEL
+
+    cfg = pretrain.PretrainConfig(out=str(tmp_path / "model"), vae_steps=0, unet_steps=3, batch=4, captions=50,
+                                  init=str(WORLD_MODEL), train_text_encoder=True, unet_lr=1e-2, warmup=0)
+    pretrain.pretrain(cfg, log=lambda *_: None)
+    old = load_file(WORLD_MODEL / "text_encoder" / "model.safetensors")
+    new = load_file(tmp_path / "model" / "text_encoder" / "model.safetensors")
+    assert old.keys() == new.keys() and any(not np.array_equal(old[k], new[k]) for k in old)  # it trained
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "model", safety_checker=None)
+    ref = StableDiffusionPipeline.from_pretrained(WORLD_MODEL, safety_checker=None)
+    with torch.no_grad():
+        a = pipe.encode_prompt(["a red circle"], "cpu", 1, False)[0]
+        b = ref.encode_prompt(["a red circle"], "cpu", 1, False)[0]
+    assert (a - b).abs().max() > 1e-4
+
+
 def test_a_rerun_with_other_settings_starts_over_and_one_with_the_same_resumes(tmp_path):
     """The work folder keeps its checkpoints for the same settings (and more steps), and is cleared, with a
     line naming what changed, for other ones (restoring another model's checkpoints failed in Orbax before)."""

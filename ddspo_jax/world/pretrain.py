@@ -64,6 +64,7 @@ class PretrainConfig:
     ema: float = 0.0          # > 0: export an EMA of the UNet's weights
     caption_dropout: float = 0.1
     caption_fragments: float = 0.0  # fraction of captions replaced by a random-removal fragment (docs/world)
+    train_text_encoder: bool = False  # train the CLIP text encoder with the UNet (shipped: random and frozen)
     checkpoint_every: int = 500
     captions: int = 4000
     seed: int = 0
@@ -263,7 +264,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     import ml_collections
 
     from ddspo_jax.backbones import GENERATION_FILE, load_backbone
-    from ddspo_jax.convert import export_unet, export_vae
+    from ddspo_jax.convert import export_clip_text, export_unet, export_vae
     from ddspo_jax.convert.common import read_config
     from ddspo_jax import parallel
 
@@ -297,11 +298,17 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     encode = jax.jit(lambda p, x: vae.apply({"params": p}, x * 2.0 - 1.0, method="encode") * (new_scale / scale))
     sched = bb.schedule
 
+    text_model, empty_ids = bb.encoder.models[0], bb.encoder.tokenize([""])[0][0]
+
     def unet_batch(i):
         images, captions = batch_of_scenes(cfg, 1, i, metas)
         captions, drop = unet_captions(cfg, i, captions)
+        z = encode(vae_params, jnp.asarray(images))
+        if cfg.train_text_encoder:  # token ids; the loss runs the encoder it trains
+            ids = np.where(drop[:, None], empty_ids, bb.encoder.tokenize(captions)[0][0])
+            return {"z": z, "ids": jnp.asarray(ids)}
         emb = np.where(drop[:, None, None], empty[None], bb.encode(captions)["prompt_embeds"])
-        return {"z": encode(vae_params, jnp.asarray(images)), "c": jnp.asarray(emb)}
+        return {"z": z, "c": jnp.asarray(emb)}
 
     weights = jnp.asarray(min_snr_weights(np.asarray(sched.alphas_cumprod), cfg.min_snr), jnp.float32)
 
@@ -309,19 +316,29 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
         kt, kn = jax.random.split(key)
         t = jax.random.randint(kt, (b["z"].shape[0],), 0, sched.num_train_timesteps)
         noise = jax.random.normal(kn, b["z"].shape)
-        pred = bb.denoise(p, sched.add_noise(b["z"], noise, t), sched.model_timestep(t), {"prompt_embeds": b["c"]})
+        c = b.get("c")
+        if cfg.train_text_encoder:
+            p, c = p["unet"], text_model.apply({"params": p["text"]}, b["ids"])["last_hidden_state"]
+        pred = bb.denoise(p, sched.add_noise(b["z"], noise, t), sched.model_timestep(t), {"prompt_embeds": c})
         if not cfg.min_snr:  # the shipped model's exact loss expression, so the defaults rebuild it bit for bit
             return jnp.mean((pred - noise) ** 2)
         return jnp.mean(weights[t] * jnp.mean((pred - noise) ** 2, axis=(1, 2, 3)))
 
-    unet_params, unet_losses = _run_phase("unet", cfg, cfg.unet_steps, bb.params, unet_loss, unet_batch,
+    start = {"unet": bb.params, "text": bb.encoder.params[0]} if cfg.train_text_encoder else bb.params
+    unet_params, unet_losses = _run_phase("unet", cfg, cfg.unet_steps, start, unet_loss, unet_batch,
                                           work / "unet_ckpt", cfg.unet_lr, log, ema=cfg.ema)
+    text_params = None
+    if cfg.train_text_encoder:
+        unet_params, text_params = unet_params["unet"], unet_params["text"]
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("ddspo_tiny.json"))
     export_vae({**read_config(base / "vae"), "scaling_factor": new_scale}, jax.tree.map(np.asarray, vae_params),
                tmp / "vae")
     export_unet(read_config(base / "unet"), jax.tree.map(np.asarray, unet_params), tmp / "unet")
+    if text_params is not None:
+        export_clip_text(read_config(base / "text_encoder"), jax.tree.map(np.asarray, text_params),
+                         tmp / "text_encoder")
     (tmp / GENERATION_FILE).write_text(json.dumps(WORLD_GENERATION | {"guidance": cfg.guidance}, indent=1) + "\n")
     if out.exists():
         shutil.rmtree(out)
@@ -347,6 +364,8 @@ _HELP = {
     "caption_dropout": "fraction of empty captions (classifier-free guidance)",
     "caption_fragments": "fraction of captions with 40-70 %% of their words removed (DDSPO's c-: trained on, "
                          "f(c-) predicts what the fragment leaves open instead of an out-of-distribution guess)",
+    "train_text_encoder": "train the (random) CLIP text encoder jointly with the UNet at --unet-lr (default: "
+                          "frozen, as the shipped model)",
     "checkpoint_every": "steps between Orbax checkpoints (a re-run resumes from the latest)",
     "captions": "training captions drawn (world.prompts.training_set)",
     "seed": "seed of the captions, scenes, noise and the tiny builder's initial weights",
@@ -367,6 +386,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(PretrainConfig):
         if f.name != "out":
             v = getattr(d, f.name)
+            if isinstance(v, bool):  # a switch: --train-text-encoder
+                p.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", help=_HELP[f.name])
+                continue
             p.add_argument(f"--{f.name.replace('_', '-')}", type=type(v), default=v,
                            help=f"{_HELP[f.name]} (default {v!r})")
 
