@@ -166,20 +166,35 @@ def build(config, hw: int, mesh, per_dev: int, remat: str, optimizer: str = "ada
     return ts, params, ref, mb, cfg
 
 
+def grad_args(ts, params, ref, mb, mesh) -> tuple:
+    """The gradient program's abstract arguments, placed on `mesh`: (accumulator, params, reference,
+    micro-batch, key, step, micro-batch index)."""
+    rep = parallel.NamedSharding(mesh, parallel.P())
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+    return (placed(ts.acc_shape, ts.acc_shardings), placed(params, parallel.tree_shardings(params, mesh)),
+            placed(ref, parallel.tree_shardings(ref, mesh)), mb, key, scalar, scalar)
+
+
+def lowered_cost(config, hw: int, per_dev: int, remat: str, optimizer: str = "adamw",
+                 dtype: str = "bfloat16") -> dict:
+    """Flops and bytes of what one device's gradient program computes for `per_dev` pairs, from XLA's cost
+    analysis of the step lowered (not compiled) for one host CPU device: the count where a compiler gives no
+    cost analysis (XLA:GPU without a GPU). Collectives aside, each device of a mesh computes this much."""
+    mesh = parallel.make_mesh(1, 1, jax.devices("cpu")[:1])
+    ts, params, ref, mb, _ = build(config, hw, mesh, per_dev, remat, optimizer, dtype)
+    return _cost(ts.grad.lower(*grad_args(ts, params, ref, mb, mesh)))  # a Lowered has cost_analysis() too
+
+
 def measure_config(config, hw: int, mesh, per_dev: int, remat: str, optimizer: str = "adamw",
                    name: str = "", dtype: str = "bfloat16") -> dict:
     """The table's numbers for one model config on one mesh (see the module docstring), plus each compiled
     program's cost analysis (flops, bytes accessed, the compiler's optimal_seconds; per device)."""
     ts, params, ref, mb, _ = build(config, hw, mesh, per_dev, remat, optimizer, dtype)
-    p_a = placed(params, parallel.tree_shardings(params, mesh))
-    r_a = placed(ref, parallel.tree_shardings(ref, mesh))
-    acc_a = placed(ts.acc_shape, ts.acc_shardings)
+    acc_a, p_a, r_a, *_ = args = grad_args(ts, params, ref, mb, mesh)
     state_a = placed(ts.state_shape, ts.state_shardings)
-    rep = parallel.NamedSharding(mesh, parallel.P())
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
-    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
     t0 = time.time()
-    g = ts.grad.lower(acc_a, p_a, r_a, mb, key, scalar, scalar).compile()
+    g = ts.grad.lower(*args).compile()
     u = ts.update.lower(state_a, acc_a).compile()
     compile_s = time.time() - t0
     mg, mu = g.memory_analysis(), u.memory_analysis()

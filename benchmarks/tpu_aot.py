@@ -1,10 +1,15 @@
-"""The real train steps compiled by the TPU compiler for TPU slices, on a machine without a TPU.
+"""The real train steps compiled by the TPU compiler for TPU slices (and by XLA:GPU for H100s), on a machine
+without a TPU or a GPU.
 
   pip install -e '.[tpu-aot]'      # in a venv of its own: libtpu 0.0.42 (the pin of jax[tpu] 0.10.2)
   python benchmarks/tpu_aot.py --topology v5e:2x4 --models sd15 --fsdp 8 --micro 1,2 --remat block
   python benchmarks/tpu_aot.py --topology v5e:2x2 --models tiny --fsdp 4        # a minute: the smoke check
+  pip install -e '.[gpu-aot]'      # another venv: jax-cuda12-plugin / -pjrt 0.10.2 (XLA:GPU, no driver needed)
+  python benchmarks/tpu_aot.py --topology h100:1x1x8 --models sd15 --fsdp 8
 
-`jax.experimental.topologies.get_topology_desc(topology, "tpu")` gives compile-only TPU devices; the
+`jax.experimental.topologies.get_topology_desc(topology, "tpu")` gives compile-only TPU devices (for
+"h100:...", `platform="cuda"` with the GpuTargetConfigProto shipped in ddspo_jax/configs/targets/h100.txtpb);
+the
 project's train step (`step.make_train_step`, exactly as `benchmarks/memory.py` builds it: bf16 compute, f32
 master weights, the bf16 frozen reference, DDSPO's three reference forwards; shapes only, no weights) is
 lowered on a mesh of them and compiled by libtpu. Per chip, one row per (model, mesh, remat, micro-batch):
@@ -14,7 +19,8 @@ lowered on a mesh of them and compiled by libtpu. Per chip, one row per (model, 
   peak       resident + max(micro-batch + temp of the gradient program, temp of the update program); vs HBM
   TFLOP      per chip per micro-batch, from the compiled program's cost analysis (cross-check: the analytic
              count, docs/performance.md: 0.80 TFLOP per SD-1.5 UNet forward at 64x64, 9 forward-equivalents
-             per pair)
+             per pair); XLA:GPU gives none without a GPU: there, XLA's count of the unoptimised step lowered
+             for one CPU device with the same pairs per device (`memory.lowered_cost`)
   est ms     the compiler's `optimal_seconds` where it is positive and not below the roofline, else the
              roofline max(flops / bf16 peak, bytes accessed / HBM bandwidth) ("est" column says which)
   pairs/s    pairs per micro-batch / est time (the update, once per step, amortised away); MFU = flops /
@@ -70,7 +76,8 @@ from ddspo_jax import parallel  # noqa: E402
 GiB = 2 ** 30
 # Per chip: HBM (GiB), dense bf16 peak (FLOP/s), HBM bandwidth (B/s) -- the vendors' published figures.
 CHIPS = {"v4": (32, 275e12, 1228e9), "v5e": (16, 197e12, 819e9), "v5p": (95, 459e12, 2765e9),
-         "v6e": (32, 918e12, 1640e9)}
+         "v6e": (32, 918e12, 1640e9), "h100": (80, 989e12, 3352e9)}
+GPU_TARGETS = {"h100": ROOT / "ddspo_jax" / "configs" / "targets" / "h100.txtpb"}  # XLA:GPU's view of the chip
 # model name -> (config for memory.build: a UNet config dict or a SANA config name, latent side)
 TINY_UNET = dict(block_out_channels=[32, 64], layers_per_block=1, in_channels=4, out_channels=4, sample_size=16,
                  cross_attention_dim=32, attention_head_dim=4, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
@@ -82,6 +89,8 @@ def model_config(name: str):
         return TINY_UNET, 16
     if name.startswith("sana"):
         return {"sana600m": "sana_600m_1024", "sana1600m": "sana_1600m_1024"}[name], 32
+    if name.startswith("sd3"):  # 1024^2: 128x128 latents
+        return {"sd3medium": "sd3_medium", "sd35large": "sd35_large"}[name], 128
     file, hw, _ = memory.MODELS[name]
     return json.loads((memory.CONFIGS / file).read_text()), hw
 
@@ -102,11 +111,18 @@ def estimate(flops: float, nbytes: float, optimal_s: float, peak: float, bw: flo
 
 
 def tpu_devices(topology: str):
+    """Compile-only devices: a TPU slice ("v5e:2x4") from libtpu, or H100s ("h100:1x1x8") from the CUDA plugin."""
     from jax.experimental import topologies
 
+    kind, _, dims = topology.partition(":")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+        if kind in GPU_TARGETS:
+            proto = "\n".join(x for x in GPU_TARGETS[kind].read_text().splitlines() if not x.startswith("#"))
+            topo = topologies.get_topology_desc(platform="cuda", topology_name=f"{kind}x{dims}",
+                                                topology=dims or "1x1x8", target_config=proto)
+        else:
+            topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
     return topo.devices
 
 
@@ -116,6 +132,9 @@ def row(name, topology, devices, fsdp, per_dev, remat) -> dict:
     mesh = parallel.make_mesh(n // fsdp, fsdp, devices)
     config, hw = model_config(name)
     r = memory.measure_config(config, hw, mesh, per_dev, remat, name=name)
+    if not r["flops_grad"]:  # XLA:GPU compile-only: no cost analysis; the unoptimised step's count instead
+        c = memory.lowered_cost(config, hw, per_dev, remat)
+        r.update(flops_grad=c["flops"], bytes_grad=c["bytes"])
     t, which = estimate(r["flops_grad"], r["bytes_grad"], r["optimal_s_grad"], peak, bw)
     pairs = per_dev * n
     return dict(model=name, topology=topology, chip=devices[0].device_kind, mesh=r["mesh"], per_dev=per_dev,
@@ -131,15 +150,16 @@ COLS = ["model", "topology", "mesh", "per_dev", "remat", "resident", "temp", "pe
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--topology", default="v5e:2x4", help="TPU topology, e.g. v5e:2x4, v6e:2x4, v5p:2x2x2")
-    ap.add_argument("--models", default="sd15", help="comma-separated: tiny, sd15, sdxl, sana600m, sana1600m")
+    ap.add_argument("--topology", default="v5e:2x4", help="TPU topology, e.g. v5e:2x4, v6e:2x4, v5p:2x2x2; or "
+                                                            "h100:1x1x8 (8 H100s, XLA:GPU)")
+    ap.add_argument("--models", default="sd15", help="comma-separated: tiny, sd15, sdxl, sana600m, sana1600m, sd3medium, sd35large")
     ap.add_argument("--fsdp", default="8", help="comma-separated fsdp sizes (the rest of the chips is data)")
     ap.add_argument("--micro", default="1", help="comma-separated micro_batch_per_device values")
     ap.add_argument("--remat", default="block", help="comma-separated remat policies")
     a = ap.parse_args(argv)
     chip_of(a.topology)
     devices = tpu_devices(a.topology)
-    print(f"jax {jax.__version__}; {len(devices)} compile-only {devices[0].device_kind} chips ({a.topology}); "
+    print(f"jax {jax.__version__}; {len(devices)} compile-only {devices[0].device_kind} devices ({a.topology}); "
           "per chip GiB; bf16 compute and reference, f32 master weights and accumulator, AdamW", flush=True)
     rows = []
     for name in a.models.split(","):
