@@ -255,9 +255,46 @@ def test_tpu_aot_compiles_the_real_step_for_a_v5e_slice():
     proc = subprocess.run([str(TPU_PYTHON), str(SCRIPT.parent / "tpu_aot.py"), "--topology", "v5e:2x2",
                            "--models", "tiny", "--fsdp", "4"], capture_output=True, text=True, timeout=1500, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "4 compile-only TPU v5 lite chips" in proc.stdout, proc.stdout
+    assert "4 compile-only TPU v5 lite devices" in proc.stdout, proc.stdout
     row = next(line for line in proc.stdout.splitlines() if line.startswith("|  tiny"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == "data=1 fsdp=4" and cells[9] == "yes" and cells[14] in ("cost model", "roofline"), cells
     result = dict(kv.split("=") for kv in proc.stdout.strip().splitlines()[-1].split()[1:])
     assert 0 < float(result["tiny_v5e-2x2_fsdp4_mb1_block_peak"]) < 1 and float(result["tiny_v5e-2x2_fsdp4_mb1_block_tflop"]) > 0
+
+
+@pytest.mark.slow  # ~2 min: one XLA:GPU compile of the tiny step on 2 cores
+@pytest.mark.skipif(not TPU_PYTHON.is_file(), reason="no aot venv (.ci/run makes .venv-tpu with '.[tpu-aot,gpu-aot]')")
+def test_aot_compiles_the_real_step_for_eight_h100s():
+    """benchmarks/tpu_aot.py --topology h100:1x1x8: the tiny step compiled by XLA:GPU for eight compile-only
+    H100s (the CUDA plugin, no GPU, no driver) at fsdp 8; the FLOPs come from the unoptimised step (XLA:GPU
+    gives no cost analysis without a device) and equal the CPU count of the same program, the time is the
+    roofline."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    proc = subprocess.run([str(TPU_PYTHON), str(SCRIPT.parent / "tpu_aot.py"), "--topology", "h100:1x1x8",
+                           "--models", "tiny", "--fsdp", "8"], capture_output=True, text=True, timeout=1500, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "8 compile-only NVIDIA H100 80GB HBM3 devices" in proc.stdout, proc.stdout
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("|  tiny"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "data=1 fsdp=8" and cells[8] == "80.00" and cells[9] == "yes" and cells[14] == "roofline"
+    result = dict(kv.split("=") for kv in proc.stdout.strip().splitlines()[-1].split()[1:])
+    tflop = float(result["tiny_h100-1x1x8_fsdp8_mb1_block_tflop"])
+    # the analytic count, independently: 9 UNet forward-equivalents per pair (2 forwards + 2 backwards of
+    # twice the cost + 3 reference forwards) of the tiny UNet at 16x16 latents, from XLA:CPU's forward count
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_tpu_aot", SCRIPT.parent / "tpu_aot.py")
+    aot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(aot)
+    import jax
+    import jax.numpy as jnp
+
+    from ddspo_jax.models.unet import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_config(aot.TINY_UNET, dtype=jnp.bfloat16)
+    params = unet.init_shapes()
+    fwd = jax.jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, c)).lower(
+        params, jax.ShapeDtypeStruct((1, 16, 16, 4), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.float32),
+        jax.ShapeDtypeStruct((1, 77, 32), jnp.float32)).cost_analysis()["flops"]
+    assert 6 * fwd < tflop * 1e12 < 14 * fwd, (tflop * 1e12 / fwd)  # 9, plus block remat's recompute
