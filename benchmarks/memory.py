@@ -58,7 +58,8 @@ from ddspo_jax.models.unet import UNet2DConditionModel, count_params, in_unit  #
 CONFIGS = ROOT / "ddspo_jax" / "models" / "configs"
 TOKENS = 77
 GiB = 2 ** 30
-MODELS = {"sd15": ("sd15_unet.json", 64, "block"), "sdxl": ("sdxl_unet.json", 128, "block")}
+MODELS = {"sd15": ("sd15_unet.json", 64, "block"), "sdxl": ("sdxl_unet.json", 128, "block"),
+          "sd3medium": ("sd3_medium.json", 128, "block")}
 OPT_BYTES = {"adamw": 8, "adafactor": 0}  # per param, f32 moments (Adafactor: factored, counted exactly below)
 
 
@@ -86,8 +87,8 @@ def micro_batch(model, family, hw, n, mesh):
 
 def measure(name: str, mesh, per_dev: int, remat: str, optimizer: str = "adamw", dtype: str = "bfloat16") -> dict:
     file, hw, _ = MODELS[name]
-    return measure_config(json.loads((CONFIGS / file).read_text()), hw, mesh, per_dev, remat, optimizer, name,
-                          dtype)
+    config = file[:-len(".json")] if name.startswith("sd3") else json.loads((CONFIGS / file).read_text())
+    return measure_config(config, hw, mesh, per_dev, remat, optimizer, name, dtype)
 
 
 def _cost(compiled) -> dict:
@@ -234,7 +235,7 @@ COLS = ["model", "mesh", "per_dev", "remat", "params", "ref", "opt", "acc", "res
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="micro-batch 1 only, no remat table")
-    ap.add_argument("--models", default="sd15,sdxl")
+    ap.add_argument("--models", default="sd15,sdxl", help="comma-separated: sd15, sdxl, sd3medium")
     ap.add_argument("--micro", default="1,2,4,8", help="micro_batch_per_device values")
     ap.add_argument("--optimizer", default="adamw", choices=("adamw", "adafactor"))
     ap.add_argument("--gpu", action="store_true", help="the accelerator's devices instead of 8 host devices")
