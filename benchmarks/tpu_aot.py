@@ -22,7 +22,8 @@ lowered on a mesh of them and compiled by libtpu. Per chip, one row per (model, 
              per pair); XLA:GPU gives none without a GPU: there, XLA's count of the unoptimised step lowered
              for one CPU device with the same pairs per device (`memory.lowered_cost`)
   est ms     the compiler's `optimal_seconds` where it is positive and not below the roofline, else the
-             roofline max(flops / bf16 peak, bytes accessed / HBM bandwidth) ("est" column says which)
+             roofline max(flops / bf16 peak, bytes accessed / HBM bandwidth) ("est" column says which);
+             H100 rows: flops / bf16 peak ("flops bound", a lower bound: the unoptimised bytes are unfused)
   pairs/s    pairs per micro-batch / est time (the update, once per step, amortised away); MFU = flops /
              est time / the chip's bf16 peak
 
@@ -132,16 +133,21 @@ def row(name, topology, devices, fsdp, per_dev, remat) -> dict:
     mesh = parallel.make_mesh(n // fsdp, fsdp, devices)
     config, hw = model_config(name)
     r = memory.measure_config(config, hw, mesh, per_dev, remat, name=name)
-    if not r["flops_grad"]:  # XLA:GPU compile-only: no cost analysis; the unoptimised step's count instead
+    if not r["flops_grad"]:  # XLA:GPU compile-only: no cost analysis; the unoptimised step's count instead.
+        # Its bytes are unfused (every intermediate read and written): no bandwidth bound can be taken from
+        # them, so the time is the compute bound flops / peak -- a lower bound (MFU 1 by construction: none).
         c = memory.lowered_cost(config, hw, per_dev, remat)
         r.update(flops_grad=c["flops"], bytes_grad=c["bytes"])
-    t, which = estimate(r["flops_grad"], r["bytes_grad"], r["optimal_s_grad"], peak, bw)
+        t, which = r["flops_grad"] / peak, "flops bound"
+    else:
+        t, which = estimate(r["flops_grad"], r["bytes_grad"], r["optimal_s_grad"], peak, bw)
     pairs = per_dev * n
     return dict(model=name, topology=topology, chip=devices[0].device_kind, mesh=r["mesh"], per_dev=per_dev,
                 remat=remat, resident=r["resident"], temp=r["temp_grad"], peak=r["peak"], hbm=float(hbm),
                 fits="yes" if r["peak"] <= 0.9 * hbm else "no", tflop=r["flops_grad"] / 1e12,
                 gbytes=r["bytes_grad"] / 1e9, optimal_ms=r["optimal_s_grad"] * 1e3, est_ms=t * 1e3, est=which,
-                pairs_s=pairs / t, mfu=r["flops_grad"] / t / peak, compile_s=r["compile_s"])
+                pairs_s=pairs / t, mfu=r["flops_grad"] / t / peak if which != "flops bound" else float("nan"),
+                compile_s=r["compile_s"])
 
 
 COLS = ["model", "topology", "mesh", "per_dev", "remat", "resident", "temp", "peak", "hbm", "fits", "tflop",
