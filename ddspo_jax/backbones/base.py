@@ -46,6 +46,16 @@ def schedule_from_folder(folder: Path, fallback, log=None) -> schedules.DDPMSche
     return out
 
 
+def kl_vae_scale(bb) -> int:
+    """Pixels per latent of a KL VAE (SD-1.x, SDXL, SD3): 2^(levels - 1), from the loaded VAE or, when its
+    weights are not loaded, its config."""
+    if bb.vae is not None:
+        return 2 ** (len(bb.vae.config.block_out_channels) - 1)
+    path = bb.path / "vae" / "config.json"
+    blocks = json.loads(path.read_text()).get("block_out_channels", [0] * 4) if path.is_file() else [0] * 4
+    return 2 ** (len(blocks) - 1)
+
+
 @dataclasses.dataclass
 class Backbone:
     """One loaded model: its denoiser (and host params), schedule, and on demand its text encoder and VAE.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ddspo_jax.backbones.base import Backbone
+from ddspo_jax.backbones.base import Backbone, kl_vae_scale
 from ddspo_jax.backbones.text import _default_resolution, PromptEncoder
 from ddspo_jax.backbones.tiny import (
     clip_text_config, EOS, FAKE_DIFFUSERS_VERSION, fill_params, write_clip_tokenizer, write_json
@@ -61,11 +61,7 @@ class SD1Backbone(Backbone):
 
     @property
     def vae_scale(self) -> int:
-        if self.vae is not None:
-            return 2 ** (len(self.vae.config.block_out_channels) - 1)
-        path = self.path / "vae" / "config.json"
-        blocks = json.loads(path.read_text()).get("block_out_channels", [0] * 4) if path.is_file() else [0] * 4
-        return 2 ** (len(blocks) - 1)
+        return kl_vae_scale(self)
 
     def default_resolution(self) -> int:
         if self.encoder is not None:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddspo_jax.backbones.base import Backbone
+from ddspo_jax.backbones.base import Backbone, kl_vae_scale
 from ddspo_jax.backbones.text import load_tokenizer, require_components, tokenize
 from ddspo_jax.backbones.tiny import (
     clip_text_config, EOS, FAKE_DIFFUSERS_VERSION, fill_params, prompt_words, write_clip_tokenizer, write_json
@@ -169,11 +169,7 @@ class SD3Backbone(Backbone):
 
     @property
     def vae_scale(self) -> int:
-        if self.vae is not None:
-            return 2 ** (len(self.vae.config.block_out_channels) - 1)
-        path = self.path / "vae" / "config.json"
-        blocks = json.loads(path.read_text()).get("block_out_channels", [0] * 4) if path.is_file() else [0] * 4
-        return 2 ** (len(blocks) - 1)
+        return kl_vae_scale(self)
 
     def denoise(self, params, x_t, t, cond, gather=None):
         return self._apply(params, gather, x_t, t, cond["prompt_embeds"], cond["pooled_prompt_embeds"])
