@@ -151,3 +151,29 @@ def test_bounding_box_rasteriser_equals_whole_canvas_rasterising():
         np.testing.assert_array_equal(img, reference(objs, img.shape[0]))
     edge = [Obj("circle", "red", 0.5, 63.7, 6.0), Obj("triangle", "blue", 63.9, 1.0, 5.0)]  # clipped at the border
     np.testing.assert_array_equal(render(edge, 64), reference(edge, 64))
+
+
+def test_a_mismatched_scene_fails_its_caption_and_satisfies_what_it_drew():
+    """scenes.mismatch, judged by the world's own judge: the scene drawn for a mismatched copy of a caption's
+    metadata fails the caption (and names the way it fails) and passes the copy; every kind occurs where the
+    caption allows it, none where it does not, and the caption text is kept."""
+    from ddspo_jax.world.scenes import MISMATCHES, mismatch
+
+    rng = np.random.default_rng(3)
+    kinds = collections.Counter()
+    for m in prompts.training_set(300, seed=5) + EVAL:
+        x = mismatch(m, rng)
+        assert x["prompt"] == m["prompt"]
+        if "mismatch" not in x:  # only one uncoloured object allows no mismatch
+            assert len(m["include"]) == 1 and m["include"][0]["count"] == 1 and not m["include"][0].get("color")
+            continue
+        if x["mismatch"] == "swap_colours" and len({q.get("color") for q in m["include"]}) == 1:
+            raise AssertionError(m)
+        kinds[x["mismatch"]] += 1
+        img, _ = render_for(x, rng, 64)
+        assert judge(img, {**x, "exclude": []})[0], x
+        ok, why = judge(img, m)
+        assert not ok, (m["prompt"], x["include"])
+    assert set(kinds) == set(MISMATCHES) and min(kinds.values()) > 20, kinds
+    single = next(m for m in EVAL if m["tag"] == "single_object")
+    assert mismatch(single, rng) is single

@@ -161,7 +161,8 @@ def test_ema_phase_returns_the_moving_average_of_the_iterates(tmp_path):
 @pytest.mark.parametrize("argv, words", [(["--forms", "compound,colourful"], "--forms 'compound,colourful'"),
                                          (["--init", "/no/such/model"], "--init '/no/such/model'"),
                                          (["--unet-channels", "48,x"], "--unet-channels '48,x'"),
-                                         (["--min-snr", "-5"], "--min-snr -5.0")])
+                                         (["--min-snr", "-5"], "--min-snr -5.0"),
+                                         (["--scene-noise", "1.5"], "--scene-noise 1.5")])
 def test_bad_flags_are_one_line_naming_the_flag(argv, words, tmp_path, capsys):
     from ddspo_jax.world.__main__ import main
 
@@ -210,3 +211,32 @@ def test_min_snr_weights_equal_diffusers_training_recipe(gamma):
     np.testing.assert_allclose(got, want.double().numpy(), rtol=1e-5)
     assert got[0] < 0.01 and got[-1] == 1.0  # nearly clean steps weigh little, noisy ones fully
     assert np.array_equal(pretrain.min_snr_weights(sched.alphas_cumprod.numpy(), 0.0), np.ones(len(t)))
+
+
+def test_scene_noise_draws_that_share_of_unet_scenes_for_a_mismatched_caption(monkeypatch):
+    """--scene-noise: about that share of the UNet phase's scenes are rendered for scenes.mismatch's copy of
+    the caption's metadata while the caption is kept; the VAE phase and the defaults draw exactly the scenes
+    they drew before (whether and how to mismatch is drawn from a stream of its own)."""
+    from ddspo_jax.world import scenes
+    from ddspo_jax.world.prompts import training_set
+
+    metas = training_set(40)
+    seen = []
+    real = scenes.render_for
+    monkeypatch.setattr(scenes, "render_for", lambda meta, rng, res: (seen.append(meta), real(meta, rng, res))[1])
+    base = pretrain.PretrainConfig(out="", batch=32)
+    noisy = pretrain.PretrainConfig(out="", batch=32, scene_noise=0.3)
+    mismatched = 0
+    for step in range(10):
+        seen.clear()
+        a, ca = pretrain.batch_of_scenes(base, 1, step, metas)
+        assert not any("mismatch" in m for m in seen)
+        seen.clear()
+        b, cb = pretrain.batch_of_scenes(noisy, 1, step, metas)
+        assert cb == [m["prompt"] for m in seen]  # each scene keeps its caption, mismatched or not
+        mismatched += sum("mismatch" in m for m in seen)
+        v0, _ = pretrain.batch_of_scenes(base, 0, step, metas)
+        v1, _ = pretrain.batch_of_scenes(noisy, 0, step, metas)
+        assert np.array_equal(v0, v1)
+    allowing = 0.95  # training captions almost all allow a mismatch (a single uncoloured object is not one)
+    assert 0.2 * 320 * allowing < mismatched < 0.4 * 320, mismatched

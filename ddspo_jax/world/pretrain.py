@@ -64,6 +64,7 @@ class PretrainConfig:
     ema: float = 0.0          # > 0: export an EMA of the UNet's weights
     caption_dropout: float = 0.1
     caption_fragments: float = 0.0  # fraction of captions replaced by a random-removal fragment (docs/world)
+    scene_noise: float = 0.0  # fraction of UNet scenes that differ from their caption (scenes.mismatch; docs/world)
     train_text_encoder: bool = False  # train the CLIP text encoder with the UNet (shipped: random and frozen)
     checkpoint_every: int = 500
     captions: int = 4000
@@ -86,16 +87,22 @@ WORLD_GENERATION = {"_why": "the world model's sampler and CFG scale, chosen on 
 def batch_of_scenes(cfg: PretrainConfig, phase: int, step: int, metas: list[dict]):
     """(images [B, R, R, 3] in [0, 1], captions) for one step: a pure function of (seed, phase, step). The
     caption form (world.prompts.training_set's tags) is drawn uniformly first, so the few distinct counting
-    captions are seen as often as the many compound ones."""
+    captions are seen as often as the many compound ones. With `scene_noise`, that share of the UNet's scenes
+    (phase 1) is drawn for a mismatched copy of the caption's metadata (scenes.mismatch) while the caption is
+    kept: the model then learns, as a web-trained model does, p(x | c) with misaligned modes in it."""
     rng = np.random.default_rng([cfg.seed, phase, step])
     by_tag: dict[str, list[dict]] = {}
     for m in metas:
         by_tag.setdefault(m["tag"], []).append(m)
     tags = sorted(by_tag)
     images, captions = [], []
+    # the mismatch draws come from their own stream, so the defaults' batches stay the shipped model's
+    noise = np.random.default_rng([cfg.seed, phase, step, 1]) if cfg.scene_noise and phase == 1 else None
     for _ in range(cfg.batch):
         group = by_tag[tags[int(rng.integers(len(tags)))]]
         meta = group[int(rng.integers(len(group)))]
+        if noise is not None and noise.random() < cfg.scene_noise:
+            meta = scenes.mismatch(meta, noise)
         img, _ = scenes.render_for(meta, rng, cfg.resolution)
         images.append(img)
         captions.append(meta["prompt"])
@@ -364,6 +371,9 @@ _HELP = {
     "caption_dropout": "fraction of empty captions (classifier-free guidance)",
     "caption_fragments": "fraction of captions with 40-70 %% of their words removed (DDSPO's c-: trained on, "
                          "f(c-) predicts what the fragment leaves open instead of an out-of-distribution guess)",
+    "scene_noise": "fraction of the UNet's training scenes that differ from their caption in one respect (an "
+                   "object left out, a colour changed or exchanged, a relation mirrored), as web alt-text differs "
+                   "from its image",
     "train_text_encoder": "train the (random) CLIP text encoder jointly with the UNet at --unet-lr (default: "
                           "frozen, as the shipped model)",
     "checkpoint_every": "steps between Orbax checkpoints (a re-run resumes from the latest)",
@@ -411,7 +421,7 @@ def from_args(args) -> PretrainConfig:
     for name in ("vae_steps", "unet_steps", "warmup", "captions", "seed"):
         if getattr(args, name) < 0:
             raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 0")
-    for name in ("caption_dropout", "caption_fragments"):
+    for name in ("caption_dropout", "caption_fragments", "scene_noise"):
         if not 0 <= getattr(args, name) <= 1:
             raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)}: a fraction, must be in [0, 1]")
     for name in ("batch", "checkpoint_every"):

@@ -129,6 +129,50 @@ def scene_for(meta: dict, rng: np.random.Generator, resolution: int = 64, distra
     return placed
 
 
+FLIP = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+MISMATCHES = ("omit", "recolour", "swap_colours", "flip")
+
+
+def mismatch(meta: dict, rng: np.random.Generator) -> dict:
+    """A copy of `meta` whose scene differs from its caption in one respect, as a web image differs from its
+    alt-text and as text-to-image models fail: an object left out (one fewer of a counted group, or the last
+    group dropped), a colour changed, two groups' colours exchanged (attribute leakage), or a relation
+    mirrored. The kind is drawn uniformly among those the caption allows; a caption that allows none (one
+    uncoloured object) comes back unchanged. `prompt` is kept: the caption still asks for the whole scene."""
+    inc = [dict(q) for q in meta["include"]]
+    kinds = []
+    if any(int(q["count"]) > 1 for q in inc) or len(inc) > 1:
+        kinds.append("omit")
+    if any(q.get("color") for q in inc):
+        kinds.append("recolour")
+    if len({q.get("color") for q in inc if q.get("color")}) > 1:
+        kinds.append("swap_colours")
+    if any("position" in q for q in inc):
+        kinds.append("flip")
+    if not kinds:
+        return meta
+    kind = kinds[int(rng.integers(len(kinds)))]
+    if kind == "omit":
+        counted = [i for i, q in enumerate(inc) if int(q["count"]) > 1]
+        if counted and (len(inc) == 1 or rng.random() < 0.5):
+            q = inc[counted[int(rng.integers(len(counted)))]]
+            q["count"] = int(q["count"]) - 1
+        else:  # the last group: nothing refers to it (a position names an earlier group as its anchor)
+            inc = inc[:-1]
+    elif kind == "recolour":
+        coloured = [q for q in inc if q.get("color")]
+        q = coloured[int(rng.integers(len(coloured)))]
+        others = [c for c in COLORS if c != q["color"]]
+        q["color"] = others[int(rng.integers(len(others)))]
+    elif kind == "swap_colours":
+        a, b = [q for q in inc if q.get("color")][:2]
+        a["color"], b["color"] = b["color"], a["color"]
+    else:
+        q = next(q for q in inc if "position" in q)
+        q["position"] = [FLIP[q["position"][0]], q["position"][1]]
+    return {**meta, "include": inc, "mismatch": kind}
+
+
 def render_for(meta: dict, rng: np.random.Generator, resolution: int = 64, distractors: bool = False):
     """(image, objects) of a scene satisfying `meta` (retrying placement until one fits)."""
     for _ in range(100):
