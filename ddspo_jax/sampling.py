@@ -194,12 +194,16 @@ def make_sampler(denoise: Denoise, schedule, *, sampler: str, steps: int, guidan
                  steps_offset: int = 1, set_alpha_to_one: bool = False):
     """A jitted `f(params, noise, cond, uncond) -> latents` for one (sampler, steps, guidance).
 
-    With `mesh`, the output is sharded over the batch like the inputs (place them with `shard_batch`)."""
+    With `mesh`, one shard_map over its devices: the output is sharded over the batch like the inputs (place
+    them with `shard_batch`; the batch a multiple of the mesh size)."""
     plan = make_plan(schedule, sampler, steps, steps_offset=steps_offset)
     fn = functools.partial(sample_loop, denoise, schedule=schedule, plan=plan, guidance=float(guidance),
                            set_alpha_to_one=set_alpha_to_one)
-    kw = {"out_shardings": parallel.batch_sharding(mesh)} if mesh is not None else {}
-    jitted = jax.jit(fn, **kw)
+    if mesh is not None:  # per device (the batch split, weights replicated): a kernel GSPMD cannot partition
+        # (Pallas' TPU flash attention, layers.attention) runs on each device's own rows
+        fn = jax.shard_map(fn, mesh=mesh, in_specs=(P(), parallel.BATCH, parallel.BATCH, parallel.BATCH),
+                           out_specs=parallel.BATCH)
+    jitted = jax.jit(fn)
     jitted.plan = plan
     return jitted
 

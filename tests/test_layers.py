@@ -244,3 +244,44 @@ def test_backward_finishes_each_blocks_weight_gradients_before_the_next_block():
         got[mode] = temp
         assert err < 1e-5, (mode, err)
     assert got["tied"] < 5 and got["untied"] > 2 * got["tied"], got  # measured: 3.9 vs 11.9
+
+
+@pytest.mark.parametrize("d", [40, 64])
+def test_pallas_flash_attention_equals_xla_attention_forward_and_backward(d, monkeypatch):
+    """'pallas' (Pallas' TPU flash attention, run here by Pallas' TPU interpreter) against the XLA path:
+    outputs and all three input gradients (float32); and 'auto' on a TPU backend takes it for a long
+    self-attention but not for keys that are not a multiple of its block (SANA's 300 text tokens)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    b, t, h = 1, 256, 2
+    rng = np.random.default_rng(d)
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, h * d)), jnp.float32) for _ in range(3))
+
+    def run(impl):
+        f = lambda *a: layers.attention(*a, h, impl=impl)  # noqa: E731
+        return f(q, k, v), jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2))(q, k, v)
+
+    want, want_g = run("xla")
+    with pltpu.force_tpu_interpret_mode():
+        got, got_g = run("pallas")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_g, want_g):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))))
+
+    called = []
+    monkeypatch.setattr(layers.jax, "default_backend", lambda: "tpu")
+    monkeypatch.setattr(layers, "pallas_attention", lambda *a: called.append(a[0].shape) or layers.xla_attention(*a))
+    long_q, text = jnp.zeros((2, 1024, h * d)), jnp.zeros((2, 300, h * d))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
+
+    def per_device(kv):  # as the train step and the sampler run: inside a shard_map over the batch
+        spec = jax.sharding.PartitionSpec("data")
+        return jax.jit(jax.shard_map(lambda q, k: layers.attention(q, k, k, h, impl="auto"), mesh=mesh,
+                                     in_specs=(spec, spec), out_specs=spec))(long_q, kv)
+
+    per_device(long_q)
+    assert called == [(1, 1024, h, d)], called  # each device's own row
+    per_device(text)  # 300 keys: not a multiple of the kernel's block
+    layers.attention(q, k, v, h, impl="auto")  # 256 tokens: short
+    jax.jit(lambda a: layers.attention(a, a, a, h, impl="auto"))(long_q)  # 8 devices under GSPMD: refused by Mosaic
+    assert len(called) == 1, called

@@ -21,7 +21,7 @@ import numpy as np
 
 Dtype = Any
 
-ATTENTION_IMPLS = (None, "auto", "xla", "cudnn", "chunked")
+ATTENTION_IMPLS = (None, "auto", "xla", "cudnn", "chunked", "pallas")
 
 # `model.remat_policy` -> what a block (a ResNet or transformer block, the unit of remat and of the fsdp
 # gather) keeps for the backward pass. "full" also checkpoints the whole denoiser call (backbones).
@@ -275,7 +275,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, impl: Option
     `impl`: None / 'xla' is `xla_attention` below (einsums, float32 logits and softmax, a backward pass that
     recomputes the probabilities); 'cudnn' is `jax.nn.dot_product_attention`'s cuDNN flash attention;
     'auto' takes cuDNN where it applies (GPU, bf16/fp16, head dim a multiple of 8 and <= 128, so SD-1.5's
-    160-wide heads stay on XLA), query-chunked XLA ('chunked', below) for long sequences, XLA elsewhere.
+    160-wide heads stay on XLA), Pallas' TPU flash attention ('pallas') for long sequences on TPU, query-chunked
+    XLA ('chunked', below) for long sequences elsewhere, XLA for the rest.
     `upcast` (diffusers' `upcast_attention`) additionally runs the products in float32 off the cuDNN path.
     `mask` ([B, 1, T, S] boolean, True = attend) and `is_causal` are supported on every path but cuDNN's
     mask (the CLIP text encoder and SANA's cross-attention use them).
@@ -290,19 +291,48 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, impl: Option
     v = v.reshape(b, s, heads, v.shape[-1] // heads)
     if impl == "auto":
         d = c // heads
-        ok = (jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0
+        backend = jax.default_backend()
+        ok = (backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0
               and d <= 128 and not upcast and mask is None)
-        impl = "cudnn" if ok else ("chunked" if mask is None and not is_causal and t % QUERY_CHUNK == 0
-                                   and t >= 2 * QUERY_CHUNK else "xla")
+        long_seq = mask is None and not is_causal and t % QUERY_CHUNK == 0 and t >= 2 * QUERY_CHUNK
+        if backend == "tpu" and long_seq and s % PALLAS_BLOCK == 0 and not upcast and _per_device():
+            impl = "pallas"
+        else:
+            impl = "cudnn" if ok else ("chunked" if long_seq else "xla")
     if upcast and impl != "cudnn":
         q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
     if impl == "chunked":
         out = _query_chunked(q, k, v)
+    elif impl == "pallas":
+        out = pallas_attention(q, k, v)
     elif impl == "cudnn":
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="cudnn")
     else:
         out = xla_attention(q, k, v, mask, is_causal)
     return out.reshape(b, t, -1).astype(dtype)
+
+
+# 'auto' on TPU: Pallas' flash attention for the long self-attention levels (SD's and SDXL's 4096- and
+# 1024-token latents): compiled for a v5e chip (benchmarks/tpu_attention.py, docs/performance.md) it holds
+# no [T, T] block, and its roofline time is that of its flops while XLA's is that of its bytes.
+PALLAS_BLOCK = 128  # the kernel's default key block; other key lengths (SANA's 300 text tokens) stay on XLA
+
+
+def _per_device() -> bool:
+    """Inside a shard_map over every mesh axis (the train step, the sampler) or on one device: where a Pallas
+    kernel sees its own shard. Under GSPMD partitioning Mosaic refuses it ("cannot be automatically
+    partitioned"), so 'auto' keeps XLA there."""
+    m = jax.sharding.get_abstract_mesh()
+    return (not m.empty and set(m.manual_axes) == set(m.axis_names)) or len(jax.devices()) == 1
+
+
+def pallas_attention(q, k, v):
+    """Pallas' TPU flash attention on [B, T, H, D] inputs (its layout is [B, H, T, D]); on a CPU it runs only
+    inside `pltpu.force_tpu_interpret_mode()` (the parity tests)."""
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa  # Pallas' import cost: only when used
+
+    out = fa.flash_attention(*(a.swapaxes(1, 2) for a in (q, k, v)), sm_scale=q.shape[-1] ** -0.5)
+    return out.swapaxes(1, 2)
 
 
 def xla_attention(q, k, v, mask=None, is_causal: bool = False):
