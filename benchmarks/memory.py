@@ -123,6 +123,17 @@ def sd3_micro_batch(cfg, hw, n, mesh, tokens=77 + 77):
 def build(config, hw: int, mesh, per_dev: int, remat: str, optimizer: str = "adamw", dtype: str = "bfloat16"):
     """(train step, abstract params, reference, micro-batch, train config) of a diffusers UNet config (dict)
     or a SANA / SD3 config name ("sana_600m_1024", "sd3_medium") or an MMDiTConfig, from shapes only."""
+    backbone, schedule, params, mb, cfg = build_backbone(config, hw, mesh, per_dev, remat, optimizer, dtype)
+    ref = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype)), params)
+    opt, _ = step_lib.make_optimizer(cfg, 1e-5)
+    ts = step_lib.make_train_step(backbone.denoise, schedule, cfg, mesh, opt, params, ref_shape=ref)
+    return ts, params, ref, mb, cfg
+
+
+def build_backbone(config, hw: int, mesh, per_dev: int, remat: str, optimizer: str = "adamw",
+                   dtype: str = "bfloat16"):
+    """(backbone, schedule, abstract params, micro-batch, train config): what `build` makes a step of, and
+    what the sampler benchmark (tpu_aot.py --sampler) generates with."""
     cd = jnp.dtype(dtype)
     cfg = base_config()
     from ddspo_jax.models.mmdit import MMDiTConfig, SD3Transformer2DModel
@@ -160,11 +171,7 @@ def build(config, hw: int, mesh, per_dev: int, remat: str, optimizer: str = "ada
     validate(cfg)
     schedule = schedules.from_config(cfg.schedule)
     backbone = make_backbone(schedule)
-    params = model.init_shapes()
-    ref = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, cd), params)
-    opt, _ = step_lib.make_optimizer(cfg, 1e-5)
-    ts = step_lib.make_train_step(backbone.denoise, schedule, cfg, mesh, opt, params, ref_shape=ref)
-    return ts, params, ref, mb, cfg
+    return backbone, schedule, model.init_shapes(), mb, cfg
 
 
 def grad_args(ts, params, ref, mb, mesh) -> tuple:

@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -66,6 +67,7 @@ if __name__ == "__main__":
     libtpu_environment(sys.argv)
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -150,6 +152,42 @@ def row(name, topology, devices, fsdp, per_dev, remat) -> dict:
                 compile_s=r["compile_s"])
 
 
+def sampler_row(name, topology, devices, per_dev) -> dict:
+    """Pair generation (prepare) per chip: one guided denoiser call -- the family's sampler loop with one
+    step, images per chip `per_dev` (each a CFG pair of rows), bf16 weights replicated, data parallel over the
+    chips (the sampler's shard_map) -- compiled, and its time scaled by the family's steps; a pair is two
+    images (c and c-)."""
+    from ddspo_jax import sampling
+
+    kind, (hbm, peak, bw) = chip_of(topology)
+    n = len(devices)
+    mesh = parallel.make_mesh(n, 1, devices)
+    config, hw = model_config(name)
+    bb, schedule, params, mb, _ = memory.build_backbone(config, hw, mesh, per_dev, "none")
+    d = bb.defaults or dict(sampler="ddim", steps=25, guidance=7.5)
+    run = sampling.make_sampler(bb.denoise, schedule, sampler=d["sampler"], steps=1, guidance=d["guidance"],
+                                mesh=mesh)
+    rep = parallel.NamedSharding(mesh, parallel.P())
+    weights = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16, sharding=rep), params)
+    noise = jax.ShapeDtypeStruct(mb["x0_w"].shape, jnp.float32, sharding=mb["x0_w"].sharding)
+    t0 = time.time()
+    c = run.lower(weights, noise, mb["cond_w"], mb["cond_l"]).compile()
+    compile_s = time.time() - t0
+    m, cost = c.memory_analysis(), memory._cost(c)
+    if not cost["flops"]:  # XLA:GPU compile-only: no cost analysis; no estimate
+        cost.update(flops=float("nan"), bytes=float("nan"))
+    t, which = estimate(cost["flops"], cost["bytes"], cost["optimal_s"], peak, bw)
+    steps = int(d["steps"])
+    return dict(model=name, topology=topology, per_dev=per_dev, sampler=f"{d['sampler']} {steps}",
+                weights=m.argument_size_in_bytes / GiB, temp=m.temp_size_in_bytes / GiB,
+                peak=(m.argument_size_in_bytes + m.temp_size_in_bytes) / GiB, hbm=float(hbm),
+                tflop_step=cost["flops"] / 1e12, step_ms=t * 1e3, est=which,
+                pairs_s_chip=per_dev / 2 / (steps * t), compile_s=compile_s)
+
+
+SAMPLER_COLS = ["model", "topology", "per_dev", "sampler", "weights", "temp", "peak", "hbm", "tflop_step",
+                "step_ms", "est", "pairs_s_chip", "compile_s"]
+
 COLS = ["model", "topology", "mesh", "per_dev", "remat", "resident", "temp", "peak", "hbm", "fits", "tflop",
         "gbytes", "optimal_ms", "est_ms", "est", "pairs_s", "mfu", "compile_s"]
 
@@ -162,12 +200,26 @@ def main(argv=None) -> int:
     ap.add_argument("--fsdp", default="8", help="comma-separated fsdp sizes (the rest of the chips is data)")
     ap.add_argument("--micro", default="1", help="comma-separated micro_batch_per_device values")
     ap.add_argument("--remat", default="block", help="comma-separated remat policies")
+    ap.add_argument("--sampler", action="store_true", help="pair generation instead of the train step: "
+                    "--micro is images per chip, data parallel, the family's sampler, steps and CFG")
     a = ap.parse_args(argv)
     chip_of(a.topology)
     devices = tpu_devices(a.topology)
     print(f"jax {jax.__version__}; {len(devices)} compile-only {devices[0].device_kind} devices ({a.topology}); "
           "per chip GiB; bf16 compute and reference, f32 master weights and accumulator, AdamW", flush=True)
     rows = []
+    if a.sampler:
+        for name in a.models.split(","):
+            for per_dev in (int(x) for x in a.micro.split(",")):
+                rows.append(sampler_row(name, a.topology, devices, per_dev))
+                r = rows[-1]
+                print(f"  {name} sampler, {per_dev} images per chip: peak {r['peak']:.2f} / {r['hbm']:.0f} GiB, "
+                      f"{r['step_ms']:.1f} ms per step ({r['est']}), {r['pairs_s_chip']:.2f} pairs/s per chip, "
+                      f"compiled in {r['compile_s']:.0f} s", flush=True)
+        print(memory.table(rows, SAMPLER_COLS))
+        print("RESULT " + " ".join(f"{r['model']}_{r['topology'].replace(':', '-')}_sampler_mb{r['per_dev']}_{k}="
+                                   f"{r[k]:.4g}" for r in rows for k in ("peak", "step_ms", "pairs_s_chip")))
+        return 0
     for name in a.models.split(","):
         for fsdp in (int(x) for x in a.fsdp.split(",")):
             for remat in a.remat.split(","):

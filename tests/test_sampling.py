@@ -109,7 +109,12 @@ def test_one_batched_call_and_guidance_one():
     assert calls[-1] == N  # no unconditional pass without guidance
 
 
-def test_sharded_equals_unsharded():
+@pytest.mark.parametrize("sampler,sched", [("ddim", "ddpm"), ("pndm", "ddpm"), ("euler", "ddpm"),
+                                           ("flow_dpmpp_2m", "flow"), ("flow_euler", "flow")])
+def test_sharded_equals_unsharded(sampler, sched):
+    """The sampler on a mesh (a shard_map over the batch) gives the single-device result, every sampler (the
+    multistep ones carry history through the scan)."""
+    schedule = schedules.DDPMSchedule() if sched == "ddpm" else schedules.FlowSchedule()
     mesh = parallel.make_mesh()
     assert mesh.size == len(jax.devices())
     f = fake_model(jnp)
@@ -121,8 +126,8 @@ def test_sharded_equals_unsharded():
     uncond = {"prompt_embeds": np.zeros((n, L, D), np.float32)}
     params = {"scale": np.float32(0.9)}
     wrap = lambda p, x, t, c: denoise(p, x, t, c["prompt_embeds"])  # noqa: E731
-    plain = sampling.make_sampler(wrap, schedules.DDPMSchedule(), sampler="ddim", steps=3, guidance=4.0)
-    sharded = sampling.make_sampler(wrap, schedules.DDPMSchedule(), sampler="ddim", steps=3, guidance=4.0, mesh=mesh)
+    plain = sampling.make_sampler(wrap, schedule, sampler=sampler, steps=3, guidance=4.0)
+    sharded = sampling.make_sampler(wrap, schedule, sampler=sampler, steps=3, guidance=4.0, mesh=mesh)
     args = sampling.shard_batch(mesh, noise, cond, uncond)
     out = sharded(sampling.replicate(params, mesh), *args)
     assert out.sharding.is_equivalent_to(parallel.batch_sharding(mesh), out.ndim)
