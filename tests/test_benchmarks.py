@@ -298,3 +298,45 @@ def test_aot_compiles_the_real_step_for_eight_h100s():
         params, jax.ShapeDtypeStruct((1, 16, 16, 4), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.float32),
         jax.ShapeDtypeStruct((1, 77, 32), jnp.float32)).cost_analysis()["flops"]
     assert 6 * fwd < tflop * 1e12 < 14 * fwd, (tflop * 1e12 / fwd)  # 9, plus block remat's recompute
+
+
+@pytest.mark.slow  # ~1 min: six small TPU compiles
+@pytest.mark.skipif(not TPU_PYTHON.is_file(), reason="no libtpu venv (.ci/run makes .venv-tpu with '.[tpu-aot]')")
+def test_tpu_attention_and_sampler_compile_for_a_v5e_chip():
+    """benchmarks/tpu_attention.py: at SDXL's 4096-token level XLA's attention holds at least the float32
+    score matrix (2 x 10 heads x 4096^2 x 4 bytes, by hand) in temporaries, Pallas' flash attention less than
+    a quarter of it (no [T, T] block); and tpu_aot.py --sampler compiles the tiny model's pair generation,
+    its flops per step within 1.5-3x XLA:CPU's count of one unguided forward of the same images (CFG doubles
+    the rows)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    proc = subprocess.run([str(TPU_PYTHON), str(SCRIPT.parent / "tpu_attention.py"), "--chip", "v5e",
+                           "--cases", "sdxl_64x64", "--impls", "xla,pallas"], capture_output=True, text=True,
+                          timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = dict(kv.split("=") for kv in proc.stdout.strip().splitlines()[-1].split()[1:])
+    scores_mib = 2 * 10 * 4096 ** 2 * 4 / 2 ** 20
+    assert float(result["sdxl_64x64_xla_temp_mib"]) >= scores_mib, result
+    assert float(result["sdxl_64x64_pallas_temp_mib"]) < scores_mib / 4, result
+    assert float(result["sdxl_64x64_pallas_est_us"]) < float(result["sdxl_64x64_xla_est_us"]), result
+
+    proc = subprocess.run([str(TPU_PYTHON), str(SCRIPT.parent / "tpu_aot.py"), "--topology", "v5e:2x2",
+                           "--models", "tiny", "--sampler", "--micro", "2"], capture_output=True, text=True,
+                          timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = dict(kv.split("=") for kv in proc.stdout.strip().splitlines()[-1].split()[1:])
+    tflop_step = float(result["tiny_v5e-2x2_sampler_mb2_tflop_step"])
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_tpu_aot", SCRIPT.parent / "tpu_aot.py")
+    aot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(aot)
+    import jax
+    import jax.numpy as jnp
+
+    from ddspo_jax.models.unet import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_config(aot.TINY_UNET, dtype=jnp.bfloat16)
+    fwd = jax.jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, c)).lower(
+        unet.init_shapes(), jax.ShapeDtypeStruct((2, 16, 16, 4), jnp.float32), jax.ShapeDtypeStruct((2,), jnp.float32),
+        jax.ShapeDtypeStruct((2, 77, 32), jnp.float32)).cost_analysis()["flops"]
+    assert 1.5 * fwd < tflop_step * 1e12 < 3 * fwd, tflop_step * 1e12 / fwd
