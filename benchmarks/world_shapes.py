@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -57,6 +59,43 @@ def diagnose(out: str | Path) -> dict[str, dict]:
     return result
 
 
+def paired_counts(out: str | Path, n_boot: int = 2000, seed: int = 0) -> dict:
+    """"model" against "compare" on the same noise, per image: detected objects, whether their number is the
+    number asked, and the excess (detected - asked); mean differences with a paired 95 % bootstrap interval
+    over prompts, overall and per tag. Which way a method moves the *number* of objects, whatever their shape:
+    DDSPO's push away from the degraded prompt adds content, which helps a model that leaves objects out and
+    hurts one that draws too many (docs/world/study.md)."""
+    from ddspo_jax.evaluate import _read_png
+    from ddspo_jax.world import judge, prompts
+
+    out = Path(out)
+    metas = prompts.read_jsonl(json.loads((out / "evaluate.json").read_text())["prompts"])
+    per = {}
+    for r in (json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()):
+        meta = metas[r["prompt_index"]]
+        n, asked = len(judge.detect(_read_png(out / r["file"]))), sum(int(q["count"]) for q in meta["include"])
+        per.setdefault(r["model"], {})[(r["prompt_index"], Path(r["file"]).name)] = (n, n == asked, n - asked,
+                                                                                    meta["tag"])
+    keys = sorted(set(per["model"]) & set(per["compare"]))
+    a = np.array([per["model"][k][:3] for k in keys], float)
+    b = np.array([per["compare"][k][:3] for k in keys], float)
+    prompt, tags = np.array([k[0] for k in keys]), np.array([per["model"][k][3] for k in keys])
+    rng = np.random.default_rng(seed)
+
+    def stats(sel):
+        d = a[sel] - b[sel]
+        ps = np.unique(prompt[sel])
+        rows = {p_: np.where(prompt[sel] == p_)[0] for p_ in ps}
+        boots = np.array([d[np.concatenate([rows[p_] for p_ in rng.choice(ps, len(ps))])].mean(0)
+                          for _ in range(n_boot)])
+        lo, hi = np.percentile(boots, [2.5, 97.5], axis=0)
+        return {name: {"model": float(a[sel, i].mean()), "compare": float(b[sel, i].mean()),
+                       "diff": float(d[:, i].mean()), "ci": (float(lo[i]), float(hi[i]))}
+                for i, name in enumerate(("objects", "right_count", "excess"))}
+
+    return {"all": stats(np.ones(len(keys), bool)), **{t: stats(tags == t) for t in sorted(set(tags))}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", help="a folder written by python -m ddspo_jax.evaluate --scorer shapes")
@@ -65,13 +104,20 @@ def main(argv=None) -> int:
         print(f"world_shapes: {args.out} has no results.jsonl (run python -m ddspo_jax.evaluate first)",
               file=sys.stderr)
         return 2
-    for name, r in diagnose(args.out).items():
+    results = diagnose(args.out)
+    for name, r in results.items():
         classes = [k for k in r if k in ("circle", "square", "triangle", "ring")]
         print(f"{name} ({r['spec']}): {r['images']} images, {r['objects_per_image']:.2f} objects per image, "
               f"right count {r['right_count']:.3f}, detected {r['detected']}")
         print("RESULT " + " ".join([f"model={name}", f"shape_hit={r['shape_hit']:.3f}",
                                     f"colour_shape_hit={r['colour_shape_hit']:.3f}"]
                                    + [f"{c}={r[c]:.3f}" for c in classes]))
+    if {"model", "compare"} <= set(results):
+        print("paired, model - compare [95 % bootstrap over prompts]: objects per image | exact count | excess")
+        for group, st in paired_counts(args.out).items():
+            print(f"  {group:<14} " + " | ".join(f"{st[k]['model']:.3f} vs {st[k]['compare']:.3f} "
+                                              f"({st[k]['diff']:+.3f} [{st[k]['ci'][0]:+.3f}, {st[k]['ci'][1]:+.3f}])"
+                                              for k in ("objects", "right_count", "excess")))
     return 0
 
 

@@ -220,6 +220,19 @@ def test_world_shapes_counts_hits_on_rendered_truth_and_on_circles_drawn_as_squa
     coloured = [q for q in asked if "color" in q]
     assert math.isclose(squared["colour_shape_hit"],
                         1 - sum(q["class"] == "circle" for q in coloured) / len(coloured)), squared
+    same = mod.paired_counts(tmp_path, n_boot=50)["all"]  # shapes changed, numbers not
+    assert same["excess"]["diff"] == 0 and same["right_count"]["model"] == 1.0, same
+
+    # the model draws one extra object (a triangle where there is room) on every two_object image
+    for i, m in enumerate(metas):
+        if m["tag"] != "two_object":
+            continue
+        _, objs = scenes.render_for(m, rng)
+        spot = scenes._place(rng, 64, objs, 6.0)
+        save_png(scenes.render(objs + [scenes.Obj("triangle", "red", *spot, 6.0)]), tmp_path / "model" / f"{i:05d}_0.png")
+    st = mod.paired_counts(tmp_path, n_boot=50)
+    assert st["two_object"]["excess"]["diff"] == 1.0 and st["two_object"]["right_count"]["diff"] == -1.0, st
+    assert st["colors"]["excess"]["diff"] == 0.0 and 0 <= st["all"]["excess"]["ci"][0] < st["all"]["excess"]["ci"][1], st
 
 
 def _tpu_aot():
