@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def diagnose(out: str | Path) -> dict[str, dict]:
-    """model name ("model" / "compare") -> rates over the images of results.jsonl."""
+def detections(out: str | Path) -> tuple[dict, list[tuple[dict, dict, list]]]:
+    """(evaluate.json's settings, [(results.jsonl row, its prompt's metadata, the judge's detections)]): the
+    one pass over the images that `diagnose` and `paired_counts` both read."""
     from ddspo_jax.evaluate import _read_png
     from ddspo_jax.world import judge, prompts
 
@@ -33,13 +34,18 @@ def diagnose(out: str | Path) -> dict[str, dict]:
     settings = json.loads((out / "evaluate.json").read_text())
     metas = prompts.read_jsonl(settings["prompts"])
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    return settings, [(r, metas[r["prompt_index"]], judge.detect(_read_png(out / r["file"]))) for r in rows]
+
+
+def diagnose(out: str | Path, seen=None) -> dict[str, dict]:
+    """model name ("model" / "compare") -> rates over the images of results.jsonl (`seen`: `detections(out)`
+    when the caller has it)."""
+    settings, seen = seen or detections(out)
     result = {}
-    for name in dict.fromkeys(r["model"] for r in rows):
+    for name in dict.fromkeys(r["model"] for r, _, _ in seen):
         hit, asked, found = collections.Counter(), collections.Counter(), collections.Counter()
         col_hit = col_asked = right_count = objects = images = 0
-        for r in (r for r in rows if r["model"] == name):
-            meta = metas[r["prompt_index"]]
-            det = judge.detect(_read_png(out / r["file"]))
+        for _, meta, det in (x for x in seen if x[0]["model"] == name):
             images += 1
             objects += len(det)
             found.update(d.shape for d in det)
@@ -59,21 +65,14 @@ def diagnose(out: str | Path) -> dict[str, dict]:
     return result
 
 
-def paired_counts(out: str | Path, n_boot: int = 2000, seed: int = 0) -> dict:
+def paired_counts(out: str | Path, n_boot: int = 2000, seed: int = 0, seen=None) -> dict:
     """"model" against "compare" on the same noise, per image: detected objects, whether their number is the
     number asked, and the excess (detected - asked); mean differences with a paired 95 % bootstrap interval
-    over prompts, overall and per tag. Which way a method moves the *number* of objects, whatever their shape:
-    DDSPO's push away from the degraded prompt adds content, which helps a model that leaves objects out and
-    hurts one that draws too many (docs/world/study.md)."""
-    from ddspo_jax.evaluate import _read_png
-    from ddspo_jax.world import judge, prompts
-
-    out = Path(out)
-    metas = prompts.read_jsonl(json.loads((out / "evaluate.json").read_text())["prompts"])
+    over prompts, overall and per tag: which way a method moves the *number* of objects, whatever their shape
+    (on the scene world DDSPO moves it the way the reference already errs: docs/world/study.md)."""
     per = {}
-    for r in (json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()):
-        meta = metas[r["prompt_index"]]
-        n, asked = len(judge.detect(_read_png(out / r["file"]))), sum(int(q["count"]) for q in meta["include"])
+    for r, meta, det in (seen or detections(out))[1]:
+        n, asked = len(det), sum(int(q["count"]) for q in meta["include"])
         per.setdefault(r["model"], {})[(r["prompt_index"], Path(r["file"]).name)] = (n, n == asked, n - asked,
                                                                                     meta["tag"])
     keys = sorted(set(per["model"]) & set(per["compare"]))
@@ -104,7 +103,8 @@ def main(argv=None) -> int:
         print(f"world_shapes: {args.out} has no results.jsonl (run python -m ddspo_jax.evaluate first)",
               file=sys.stderr)
         return 2
-    results = diagnose(args.out)
+    seen = detections(args.out)  # each image read and judged once
+    results = diagnose(args.out, seen)
     for name, r in results.items():
         classes = [k for k in r if k in ("circle", "square", "triangle", "ring")]
         print(f"{name} ({r['spec']}): {r['images']} images, {r['objects_per_image']:.2f} objects per image, "
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
                                    + [f"{c}={r[c]:.3f}" for c in classes]))
     if {"model", "compare"} <= set(results):
         print("paired, model - compare [95 % bootstrap over prompts]: objects per image | exact count | excess")
-        for group, st in paired_counts(args.out).items():
+        for group, st in paired_counts(args.out, seen=seen).items():
             print(f"  {group:<14} " + " | ".join(f"{st[k]['model']:.3f} vs {st[k]['compare']:.3f} "
                                               f"({st[k]['diff']:+.3f} [{st[k]['ci'][0]:+.3f}, {st[k]['ci'][1]:+.3f}])"
                                               for k in ("objects", "right_count", "excess")))

@@ -242,10 +242,31 @@ def _tpu_aot():
     return mod
 
 
+def _result_line(stdout: str) -> dict:
+    """The benchmark's last line, `RESULT key=value ...`, as a dict of strings."""
+    return dict(kv.split("=") for kv in stdout.strip().splitlines()[-1].split()[1:])
+
+
+def _tiny_forward_flops(batch: int) -> float:
+    """XLA:CPU's count of one forward of tpu_aot's tiny UNet at 16x16 latents: the independent unit the AOT
+    tests check the compiled programs' flops against."""
+    import jax
+    import jax.numpy as jnp
+
+    from ddspo_jax.models.unet import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_config(_tpu_aot().TINY_UNET, dtype=jnp.bfloat16)
+    a = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    return jax.jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, c)).lower(
+        unet.init_shapes(), a(batch, 16, 16, 4), a(batch), a(batch, 77, 32)).cost_analysis()["flops"]
+
+
 def test_tpu_step_time_estimate_by_hand():
     """The cost model's time where it is positive and not below half the roofline, else the roofline:
     max(flops / peak, bytes / bandwidth) -- hand-made cases (a negative optimal_seconds, as libtpu gave for
     SD-1.5, falls back)."""
+    import jax  # noqa: F401  (jax's own import sets TPU_SKIP_MDS_QUERY: run alone, this test saw it as tpu_aot's)
+
     before = dict(os.environ)
     est = _tpu_aot().estimate
     assert dict(os.environ) == before  # imported, it sets no TPU_* variable (they start multi-process runtimes)
@@ -272,7 +293,7 @@ def test_tpu_aot_compiles_the_real_step_for_a_v5e_slice():
     row = next(line for line in proc.stdout.splitlines() if line.startswith("|  tiny"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == "data=1 fsdp=4" and cells[9] == "yes" and cells[14] in ("cost model", "roofline"), cells
-    result = dict(kv.split("=") for kv in proc.stdout.strip().splitlines()[-1].split()[1:])
+    result = _result_line(proc.stdout)
     assert 0 < float(result["tiny_v5e-2x2_fsdp4_mb1_block_peak"]) < 1 and float(result["tiny_v5e-2x2_fsdp4_mb1_block_tflop"]) > 0
 
 
@@ -291,25 +312,11 @@ def test_aot_compiles_the_real_step_for_eight_h100s():
     row = next(line for line in proc.stdout.splitlines() if line.startswith("|  tiny"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == "data=1 fsdp=8" and cells[8] == "80.00" and cells[9] == "yes" and cells[14] == "flops bound"
-    result = dict(kv.split("=") for kv in proc.stdout.strip().splitlines()[-1].split()[1:])
+    result = _result_line(proc.stdout)
     tflop = float(result["tiny_h100-1x1x8_fsdp8_mb1_block_tflop"])
     # the analytic count, independently: 9 UNet forward-equivalents per pair (2 forwards + 2 backwards of
     # twice the cost + 3 reference forwards) of the tiny UNet at 16x16 latents, from XLA:CPU's forward count
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_tpu_aot", SCRIPT.parent / "tpu_aot.py")
-    aot = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(aot)
-    import jax
-    import jax.numpy as jnp
-
-    from ddspo_jax.models.unet import UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_config(aot.TINY_UNET, dtype=jnp.bfloat16)
-    params = unet.init_shapes()
-    fwd = jax.jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, c)).lower(
-        params, jax.ShapeDtypeStruct((1, 16, 16, 4), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.float32),
-        jax.ShapeDtypeStruct((1, 77, 32), jnp.float32)).cost_analysis()["flops"]
+    fwd = _tiny_forward_flops(1)
     assert 6 * fwd < tflop * 1e12 < 14 * fwd, (tflop * 1e12 / fwd)  # 9, plus block remat's recompute
 
 
@@ -326,7 +333,7 @@ def test_tpu_attention_and_sampler_compile_for_a_v5e_chip():
                            "--cases", "sdxl_64x64", "--impls", "xla,pallas"], capture_output=True, text=True,
                           timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = dict(kv.split("=") for kv in proc.stdout.strip().splitlines()[-1].split()[1:])
+    result = _result_line(proc.stdout)
     scores_mib = 2 * 10 * 4096 ** 2 * 4 / 2 ** 20
     assert float(result["sdxl_64x64_xla_temp_mib"]) >= scores_mib, result
     assert float(result["sdxl_64x64_pallas_temp_mib"]) < scores_mib / 4, result
@@ -336,20 +343,7 @@ def test_tpu_attention_and_sampler_compile_for_a_v5e_chip():
                            "--models", "tiny", "--sampler", "--micro", "2"], capture_output=True, text=True,
                           timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = dict(kv.split("=") for kv in proc.stdout.strip().splitlines()[-1].split()[1:])
+    result = _result_line(proc.stdout)
     tflop_step = float(result["tiny_v5e-2x2_sampler_mb2_tflop_step"])
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_tpu_aot", SCRIPT.parent / "tpu_aot.py")
-    aot = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(aot)
-    import jax
-    import jax.numpy as jnp
-
-    from ddspo_jax.models.unet import UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_config(aot.TINY_UNET, dtype=jnp.bfloat16)
-    fwd = jax.jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, c)).lower(
-        unet.init_shapes(), jax.ShapeDtypeStruct((2, 16, 16, 4), jnp.float32), jax.ShapeDtypeStruct((2,), jnp.float32),
-        jax.ShapeDtypeStruct((2, 77, 32), jnp.float32)).cost_analysis()["flops"]
+    fwd = _tiny_forward_flops(2)
     assert 1.5 * fwd < tflop_step * 1e12 < 3 * fwd, tflop_step * 1e12 / fwd
