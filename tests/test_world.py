@@ -177,3 +177,12 @@ def test_a_mismatched_scene_fails_its_caption_and_satisfies_what_it_drew():
     assert set(kinds) == set(MISMATCHES) and min(kinds.values()) > 20, kinds
     single = next(m for m in EVAL if m["tag"] == "single_object")
     assert mismatch(single, rng) is single
+    # kinds= restricts the draw (pretrain --mismatch-kinds omit: a model that leaves objects out, as SD does)
+    for m in prompts.training_set(60, seed=6):
+        x = mismatch(m, rng, kinds=("omit",))
+        if "mismatch" in x:
+            assert x["mismatch"] == "omit"
+            asked = sum(int(q["count"]) for q in m["include"])
+            assert sum(int(q["count"]) for q in x["include"]) < asked, (m["prompt"], x["include"])
+        else:  # a caption that allows no omission: one group of one object
+            assert len(m["include"]) == 1 and int(m["include"][0]["count"]) == 1

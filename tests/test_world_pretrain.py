@@ -162,7 +162,8 @@ def test_ema_phase_returns_the_moving_average_of_the_iterates(tmp_path):
                                          (["--init", "/no/such/model"], "--init '/no/such/model'"),
                                          (["--unet-channels", "48,x"], "--unet-channels '48,x'"),
                                          (["--min-snr", "-5"], "--min-snr -5.0"),
-                                         (["--scene-noise", "1.5"], "--scene-noise 1.5")])
+                                         (["--scene-noise", "1.5"], "--scene-noise 1.5"),
+                                         (["--mismatch-kinds", "omit,blur"], "--mismatch-kinds 'omit,blur'")])
 def test_bad_flags_are_one_line_naming_the_flag(argv, words, tmp_path, capsys):
     from ddspo_jax.world.__main__ import main
 

@@ -65,6 +65,7 @@ class PretrainConfig:
     caption_dropout: float = 0.1
     caption_fragments: float = 0.0  # fraction of captions replaced by a random-removal fragment (docs/world)
     scene_noise: float = 0.0  # fraction of UNet scenes that differ from their caption (scenes.mismatch; docs/world)
+    mismatch_kinds: str = ",".join(scenes.MISMATCHES)  # which mismatches --scene-noise draws
     train_text_encoder: bool = False  # train the CLIP text encoder with the UNet (shipped: random and frozen)
     checkpoint_every: int = 500
     captions: int = 4000
@@ -102,7 +103,7 @@ def batch_of_scenes(cfg: PretrainConfig, phase: int, step: int, metas: list[dict
         group = by_tag[tags[int(rng.integers(len(tags)))]]
         meta = group[int(rng.integers(len(group)))]
         if noise is not None and noise.random() < cfg.scene_noise:
-            meta = scenes.mismatch(meta, noise)
+            meta = scenes.mismatch(meta, noise, tuple(cfg.mismatch_kinds.split(",")))
         img, _ = scenes.render_for(meta, rng, cfg.resolution)
         images.append(img)
         captions.append(meta["prompt"])
@@ -374,6 +375,8 @@ _HELP = {
     "scene_noise": "fraction of the UNet's training scenes that differ from their caption in one respect (an "
                    "object left out, a colour changed or exchanged, a relation mirrored), as web alt-text differs "
                    "from its image",
+    "mismatch_kinds": "comma-separated mismatches --scene-noise draws from (omit, recolour, swap_colours, flip; "
+                      "omit alone: a model that leaves objects out, as SD does)",
     "train_text_encoder": "train the (random) CLIP text encoder jointly with the UNet at --unet-lr (default: "
                           "frozen, as the shipped model)",
     "checkpoint_every": "steps between Orbax checkpoints (a re-run resumes from the latest)",
@@ -410,6 +413,11 @@ def from_args(args) -> PretrainConfig:
     if bad or not forms:
         raise SystemExit(f"--forms {args.forms!r}: {', '.join(bad) or 'empty'} not among "
                          f"{', '.join(world_prompts.FORMS)}")
+    kinds = args.mismatch_kinds.split(",")
+    bad = [k for k in kinds if k not in scenes.MISMATCHES]
+    if bad or not kinds:
+        raise SystemExit(f"--mismatch-kinds {args.mismatch_kinds!r}: {', '.join(bad) or 'empty'} not among "
+                         f"{', '.join(scenes.MISMATCHES)}")
     try:
         widths = [int(c) for c in args.unet_channels.split(",")]
     except ValueError:

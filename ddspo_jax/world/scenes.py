@@ -133,25 +133,26 @@ FLIP = {"left of": "right of", "right of": "left of", "above": "below", "below":
 MISMATCHES = ("omit", "recolour", "swap_colours", "flip")
 
 
-def mismatch(meta: dict, rng: np.random.Generator) -> dict:
+def mismatch(meta: dict, rng: np.random.Generator, kinds: tuple[str, ...] = MISMATCHES) -> dict:
     """A copy of `meta` whose scene differs from its caption in one respect, as a web image differs from its
     alt-text and as text-to-image models fail: an object left out (one fewer of a counted group, or the last
     group dropped), a colour changed, two groups' colours exchanged (attribute leakage), or a relation
-    mirrored. The kind is drawn uniformly among those the caption allows; a caption that allows none (one
-    uncoloured object) comes back unchanged. `prompt` is kept: the caption still asks for the whole scene."""
+    mirrored. The kind is drawn uniformly among those of `kinds` the caption allows; a caption that allows none
+    (one uncoloured object) comes back unchanged. `prompt` is kept: the caption still asks for the whole scene."""
     inc = [dict(q) for q in meta["include"]]
-    kinds = []
+    possible = []
     if any(int(q["count"]) > 1 for q in inc) or len(inc) > 1:
-        kinds.append("omit")
+        possible.append("omit")
     if any(q.get("color") for q in inc):
-        kinds.append("recolour")
+        possible.append("recolour")
     if len({q.get("color") for q in inc if q.get("color")}) > 1:
-        kinds.append("swap_colours")
+        possible.append("swap_colours")
     if any("position" in q for q in inc):
-        kinds.append("flip")
-    if not kinds:
+        possible.append("flip")
+    allowed = [k for k in possible if k in kinds]
+    if not allowed:
         return meta
-    kind = kinds[int(rng.integers(len(kinds)))]
+    kind = allowed[int(rng.integers(len(allowed)))]
     if kind == "omit":
         counted = [i for i, q in enumerate(inc) if int(q["count"]) > 1]
         if counted and (len(inc) == 1 or rng.random() < 0.5):
