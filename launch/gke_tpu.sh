@@ -10,12 +10,13 @@ shopt -s inherit_errexit  # a failure inside $(...) stops the script too
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 TABLE="${DDSPO_TPU_TABLE:-$HERE/tpu_topologies.tsv}"
+SETTINGS="${DDSPO_TPU_SETTINGS:-$HERE/tpu_settings.tsv}"
 PROG="$(basename "$0")"
 
 CLUSTER="" PROJECT="" ZONE="" CONTEXT="" NAMESPACE="default"
 TPU_TYPE="" TOPOLOGY="" MACHINE_TYPE="" NUM_SLICES=1
 IMAGE="" NAME="" RECORDS="" OUTPUT="" SERVICE_ACCOUNT=""
-MAX_RESTARTS=10 GCSFUSE=1 OUTPUT_FUSE=0 SPOT=0 DRY_RUN=0
+MAX_RESTARTS=10 GCSFUSE=1 OUTPUT_FUSE=0 SPOT=0 DRY_RUN=0 CHIP_SETTINGS=1
 EXTRA_ENV=()
 CMD=()
 COORD_PORT=8476  # JAX's default coordinator port on Cloud TPU
@@ -44,6 +45,10 @@ TPU shape (valid pairs: launch/tpu_topologies.tsv; an unknown pair is rejected w
   --machine-type MT      pick the row when one topology has two machine types (v5e/v6e 2x4:
                          default 1 host x 8 chips; ct5lp-hightpu-4t / ct6e-standard-4t: 2 hosts x 4)
   --num-slices N         slices (JobSet replicas; >1 is Multislice over DCN) (default: $NUM_SLICES)
+  --no-chip-settings     keep the config's own micro-batch, remat and mesh (default: insert the row of
+                         launch/tpu_settings.tsv for the command's --config file and --tpu-type, the
+                         settings the TPU compiler found to fit that chip, right after --config, so
+                         your own --config.* overrides still win)
 
 Job:
   --image IMAGE          container image built from launch/Dockerfile (ACCELERATOR=tpu)   [required]
@@ -80,6 +85,7 @@ while (($#)); do
     --no-gcsfuse) GCSFUSE=0; shift; continue ;;
     --gcsfuse-output) OUTPUT_FUSE=1; shift; continue ;;
     --spot) SPOT=1; shift; continue ;;
+    --no-chip-settings) CHIP_SETTINGS=0; shift; continue ;;
     --) shift; CMD=("$@"); break ;;
     --*) (($# >= 2)) || die "$opt needs a value" ;;
     *) die "unexpected argument '$opt' (the command goes after --; see --help)" ;;
@@ -169,6 +175,38 @@ if [[ ${CMD[0]} =~ ^(ddspo_jax\.)?([a-z_][a-z0-9_.]*)$ && ${CMD[0]} != python* ]
   CMD=(python -m "ddspo_jax.${BASH_REMATCH[2]}" "${CMD[@]:1}")
 fi
 
+# The chip's settings (launch/tpu_settings.tsv) go right after --config FILE, before the user's overrides.
+CHIP_NOTE=""
+if ((CHIP_SETTINGS)); then
+  cfg_at=-1 cfg=""
+  for i in "${!CMD[@]}"; do
+    case ${CMD[i]} in
+      --config) cfg_at=$((i + 1)); cfg=${CMD[i + 1]:-} ;;
+      --config=*) cfg_at=$i; cfg=${CMD[i]#--config=} ;;
+    esac
+  done
+  if ((cfg_at >= 0)) && [[ -f $SETTINGS ]]; then
+    key=${cfg##*/}
+    found=""
+    while IFS=$'\t' read -r c t micro remat fsdp peak hbm source; do
+      [[ -z $c || $c == \#* ]] && continue
+      if [[ $c == "$key" && $t == "$TPU_TYPE" ]]; then found=1; break; fi
+    done <"$SETTINGS"
+    if [[ -n $found ]]; then
+      total=$((CHIPS * NUM_SLICES))
+      data=-1
+      if ((fsdp < 0 || fsdp >= total)); then fsdp=-1; data=1; fi
+      ins=("--config.train.micro_batch_per_device=$micro" "--config.model.remat_policy=$remat"
+           "--config.mesh.fsdp=$fsdp" "--config.mesh.data=$data")
+      CMD=("${CMD[@]:0:cfg_at+1}" "${ins[@]}" "${CMD[@]:cfg_at+1}")
+      CHIP_NOTE="$key on $TPU_TYPE: ${ins[*]} (peak $peak of $hbm GiB per chip; $source)"
+      printf '%s: chip settings from %s: %s\n' "$PROG" "${SETTINGS##*/}" "$CHIP_NOTE" >&2
+    else
+      warn "no row for '$key' on $TPU_TYPE in ${SETTINGS##*/}: the config's own micro-batch, remat and mesh are used (check they fit the chip: benchmarks/tpu_aot.py)"
+    fi
+  fi
+fi
+
 # gs://bucket/path -> /gcs/bucket/path with the bucket mounted by the Cloud Storage FUSE CSI driver.
 BUCKETS=() BUCKET_RO=()
 to_path() {  # $1: gs:// URL or path; $2: 1 if only read; $3: 1 to mount. Sets PATH_OUT to the path the container uses.
@@ -210,6 +248,7 @@ render() {
   cat <<EOF
 # ddspo_jax on GKE TPU: $NUM_SLICES x $TPU_TYPE $TOPOLOGY ($ACCELERATOR, $MACHINE_TYPE),
 # $CHIPS chips = $HOSTS host(s) x $CHIPS_PER_HOST chips per slice; $PROCESSES JAX process(es) in all.
+# Chip settings (launch/tpu_settings.tsv): ${CHIP_NOTE:-none}
 # Rendered by launch/gke_tpu.sh; apply with: kubectl apply -f <this file>
 #
 # Failure handling: every Job has backoffLimit 0, so any failed pod (a crash, or a node lost to TPU

@@ -250,7 +250,7 @@ def test_help_lists_options():
     assert r.returncode == 0 and r.stderr == ""
     for opt in ("--cluster", "--project", "--zone", "--context", "--tpu-type", "--topology", "--num-slices",
                 "--machine-type", "--image", "--name", "--records", "--output", "--dry-run", "--max-restarts",
-                "--no-gcsfuse", "--gcsfuse-output", "--service-account", "--env", "--spot"):
+                "--no-gcsfuse", "--gcsfuse-output", "--service-account", "--env", "--spot", "--no-chip-settings"):
         assert opt in r.stdout, opt
 
 
@@ -283,6 +283,93 @@ def test_apply_without_kubectl_fails_cleanly(tmp_path):
                        timeout=60)
     assert r.returncode == 0, r.stderr
     assert yaml.safe_load(r.stdout)["kind"] == "JobSet"
+
+
+# --- per-chip settings (launch/tpu_settings.tsv) ------------------------------------------------------------------
+
+SETTINGS = LAUNCH / "tpu_settings.tsv"
+HBM = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}  # GiB per chip, the vendors' figures
+
+
+def settings_rows():
+    rows = []
+    for line in SETTINGS.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            c, t, micro, remat, fsdp, peak, hbm, source = line.split("\t")
+            rows.append(dict(config=c, type=t, micro=int(micro), remat=remat, fsdp=int(fsdp), peak=float(peak),
+                             hbm=float(hbm), source=source))
+    return rows
+
+
+def test_chip_settings_rows_fit_their_chip_with_a_margin():
+    """Every row names a shipped config (and variant) that loads, a TPU type of the topology table, a remat
+    policy the config accepts, and a per-chip peak under 85 % of that chip's HBM, with the compiler it came from."""
+    from ddspo_jax.config import SCHEMA, check_config_file
+
+    rows = settings_rows()
+    assert {(r["config"], r["type"]) for r in rows} >= {(c, t) for c in ("sd15.py", "sdxl.py") for t in ("v5e", "v6e", "v5p")}
+    types = {r["type"] for r in table_rows()}
+    assert len({(r["config"], r["type"]) for r in rows}) == len(rows)  # one row per (config, chip)
+    for r in rows:
+        assert r["type"] in types, r
+        assert r["hbm"] == HBM[r["type"]], r
+        assert 0 < r["peak"] <= 0.85 * r["hbm"], r
+        assert r["micro"] >= 1 and (r["fsdp"] == -1 or r["fsdp"] >= 1), r
+        assert r["remat"] in SCHEMA["model.remat_policy"].choices, r
+        assert any(w in r["source"] for w in ("libtpu", "XLA:CPU", "XLA:GPU")), r
+        check_config_file(["train", "--config", str(ROOT / "configs" / r["config"])])  # exits on a bad file/variant
+
+
+def _resolved(command):
+    """The run's config as ddspo_jax parses the manifest's command line (config_flags, overrides in order)."""
+    script = ("import json, sys\nfrom absl import app\nfrom ddspo_jax.config import define_config_flag\n"
+              "F = define_config_flag('configs/tiny.py')\n"
+              "def main(_):\n    c = F.value\n    print(json.dumps(dict(micro=c.train.micro_batch_per_device, "
+              "remat=c.model.remat_policy, fsdp=c.mesh.fsdp, data=c.mesh.data, out=c.output_dir)))\n"
+              "app.run(main)\n")
+    assert command[:3] == ["python", "-m", "ddspo_jax.train"]
+    r = subprocess.run([shutil.which("python") or "python", "-c", script, *command[3:]], capture_output=True,
+                       text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_tpu_type_inserts_the_chips_settings_before_the_users_overrides():
+    """--tpu-type v5e with configs/sdxl.py: the row's micro-batch, remat and mesh go right after --config (the
+    manifest says which and why), the user's own --config.train.micro_batch_per_device=2 still wins, and the
+    config ddspo_jax parses from that command holds both; fsdp is capped at the slice's chips; --no-chip-settings
+    and a config without a row leave the command as given (a warning names the missing row)."""
+    row = {(r["config"], r["type"]): r for r in settings_rows()}
+    sdxl = row[("sdxl.py", "v5e")]
+    r = run(GKE, "--dry-run", "--tpu-type", "v5e", "--topology", "2x4", *BASE, "--", "train", "--config",
+            "configs/sdxl.py", "--config.train.micro_batch_per_device=2")
+    assert r.returncode == 0, r.stderr
+    m = yaml.safe_load(r.stdout)
+    cmd = container(m)["command"]
+    assert cmd[3:9] == ["--config", "configs/sdxl.py", f"--config.train.micro_batch_per_device={sdxl['micro']}",
+                        f"--config.model.remat_policy={sdxl['remat']}", "--config.mesh.fsdp=-1", "--config.mesh.data=1"]
+    assert cmd[9] == "--config.train.micro_batch_per_device=2"
+    assert "tpu_settings.tsv" in r.stderr and f"peak {sdxl['peak']}" in r.stdout.split("apiVersion")[0]
+    got = _resolved(cmd)
+    assert got == dict(micro=2, remat=sdxl["remat"], fsdp=-1, data=1, out="gs://out-bucket/runs/exp1")
+
+    # a slice larger than the row's fsdp: fsdp as the row says, data parallel over the rest
+    sd15 = row[("sd15.py", "v5e")]
+    r = run(GKE, "--dry-run", "--tpu-type", "v5e", "--topology", "8x8", *BASE, "--", "train",
+            "--config=configs/sd15.py")
+    assert r.returncode == 0, r.stderr
+    got = _resolved(container(yaml.safe_load(r.stdout))["command"])
+    want_fsdp = sd15["fsdp"] if 0 < sd15["fsdp"] < 64 else -1
+    assert (got["micro"], got["fsdp"], got["data"]) == (sd15["micro"], want_fsdp, -1 if want_fsdp > 0 else 1)
+
+    for extra, cfg in ((["--no-chip-settings"], "configs/sdxl.py"), ([], "configs/toy.py")):
+        r = run(GKE, "--dry-run", "--tpu-type", "v5e", "--topology", "2x4", *extra, *BASE, "--", "train",
+                "--config", cfg)
+        assert r.returncode == 0, r.stderr
+        cmd = container(yaml.safe_load(r.stdout))["command"]
+        assert not any(a.startswith(("--config.train.micro", "--config.mesh")) for a in cmd), cmd
+    assert "no row for 'toy.py' on v5e" in r.stderr
 
 
 # --- gpu.sh --------------------------------------------------------------------------------------------------------
