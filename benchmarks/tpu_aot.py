@@ -27,8 +27,9 @@ lowered on a mesh of them and compiled by libtpu. Per chip, one row per (model, 
   pairs/s    pairs per micro-batch / est time (the update, once per step, amortised away); MFU = flops /
              est time / the chip's bf16 peak
 
-Last line: RESULT <model>_<topology>_fsdp<k>_mb<m>_<remat>_peak_gib=... _est_ms=... (one per row). Compile
-times are minutes per SD-1.5 program on 2 cores; SDXL's are tens of minutes: budget them.
+Last line: RESULT <model>_<topology>_fsdp<k>_mb<m>_<remat>_{peak,resident,est_ms,tflop}=... (GiB per chip,
+ms, TFLOP per chip; one group per row). Compile times are minutes per SD-1.5 program on 2 cores; SDXL's are
+tens of minutes: budget them.
 """
 
 from __future__ import annotations
@@ -233,7 +234,7 @@ def main(argv=None) -> int:
     print(memory.table(rows, COLS))
     print("RESULT " + " ".join(
         f"{r['model']}_{r['topology'].replace(':', '-')}_fsdp{r['mesh'].split('fsdp=')[1]}_mb{r['per_dev']}_{r['remat']}"
-        f"_{k}={r[k]:.4g}" for r in rows for k in ("peak", "est_ms", "tflop")))
+        f"_{k}={r[k]:.4g}" for r in rows for k in ("peak", "resident", "est_ms", "tflop")))
     return 0
 
 
