@@ -4,11 +4,13 @@ where a script would call one, a fake on PATH records the call."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -322,16 +324,15 @@ def test_chip_settings_rows_fit_their_chip_with_a_margin():
 
 def _resolved(command):
     """The run's config as ddspo_jax parses the manifest's command line (config_flags, overrides in order)."""
-    script = ("import json, sys\nfrom absl import app\nfrom ddspo_jax.config import define_config_flag\n"
+    script = ("import json\nfrom absl import app\nfrom ddspo_jax.config import define_config_flag\n"
               "F = define_config_flag('configs/tiny.py')\n"
               "def main(_):\n    c = F.value\n    print(json.dumps(dict(micro=c.train.micro_batch_per_device, "
               "remat=c.model.remat_policy, fsdp=c.mesh.fsdp, data=c.mesh.data, out=c.output_dir)))\n"
               "app.run(main)\n")
     assert command[:3] == ["python", "-m", "ddspo_jax.train"]
-    r = subprocess.run([shutil.which("python") or "python", "-c", script, *command[3:]], capture_output=True,
-                       text=True, cwd=ROOT, timeout=120)
+    r = subprocess.run([sys.executable, "-c", script, *command[3:]], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    import json
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 

@@ -99,11 +99,12 @@ def batch_of_scenes(cfg: PretrainConfig, phase: int, step: int, metas: list[dict
     images, captions = [], []
     # the mismatch draws come from their own stream, so the defaults' batches stay the shipped model's
     noise = np.random.default_rng([cfg.seed, phase, step, 1]) if cfg.scene_noise and phase == 1 else None
+    kinds = tuple(cfg.mismatch_kinds.split(","))
     for _ in range(cfg.batch):
         group = by_tag[tags[int(rng.integers(len(tags)))]]
         meta = group[int(rng.integers(len(group)))]
         if noise is not None and noise.random() < cfg.scene_noise:
-            meta = scenes.mismatch(meta, noise, tuple(cfg.mismatch_kinds.split(",")))
+            meta = scenes.mismatch(meta, noise, kinds)
         img, _ = scenes.render_for(meta, rng, cfg.resolution)
         images.append(img)
         captions.append(meta["prompt"])
@@ -406,18 +407,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                            help=f"{_HELP[f.name]} (default {v!r})")
 
 
+def _check_names(flag: str, value: str, allowed) -> None:
+    """A comma-separated flag whose every name must be one of `allowed`: one line naming the flag if not."""
+    bad = [x for x in value.split(",") if x not in allowed]
+    if bad:
+        raise SystemExit(f"--{flag} {value!r}: {', '.join(b or 'empty' for b in bad)} not among {', '.join(allowed)}")
+
+
 def from_args(args) -> PretrainConfig:
     """The config, with the flags a user can get wrong checked here (one clear line, not a traceback)."""
-    forms = tuple(args.forms.split(","))
-    bad = [f for f in forms if f not in world_prompts.FORMS]
-    if bad or not forms:
-        raise SystemExit(f"--forms {args.forms!r}: {', '.join(bad) or 'empty'} not among "
-                         f"{', '.join(world_prompts.FORMS)}")
-    kinds = args.mismatch_kinds.split(",")
-    bad = [k for k in kinds if k not in scenes.MISMATCHES]
-    if bad or not kinds:
-        raise SystemExit(f"--mismatch-kinds {args.mismatch_kinds!r}: {', '.join(bad) or 'empty'} not among "
-                         f"{', '.join(scenes.MISMATCHES)}")
+    _check_names("forms", args.forms, world_prompts.FORMS)
+    _check_names("mismatch-kinds", args.mismatch_kinds, scenes.MISMATCHES)
     try:
         widths = [int(c) for c in args.unet_channels.split(",")]
     except ValueError:
