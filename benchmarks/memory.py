@@ -120,10 +120,11 @@ def sd3_micro_batch(cfg, hw, n, mesh, tokens=77 + 77):
             "cond_l": cond()}
 
 
-def build(config, hw: int, mesh, per_dev: int, remat: str, optimizer: str = "adamw", dtype: str = "bfloat16"):
+def build(config, hw: int, mesh, per_dev: int, remat: str, optimizer: str = "adamw", dtype: str = "bfloat16",
+          scan: bool = False):
     """(train step, abstract params, reference, micro-batch, train config) of a diffusers UNet config (dict)
     or a SANA / SD3 config name ("sana_600m_1024", "sd3_medium") or an MMDiTConfig, from shapes only."""
-    backbone, schedule, params, mb, cfg = build_backbone(config, hw, mesh, per_dev, remat, optimizer, dtype)
+    backbone, schedule, params, mb, cfg = build_backbone(config, hw, mesh, per_dev, remat, optimizer, dtype, scan)
     ref = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype)), params)
     opt, _ = step_lib.make_optimizer(cfg, 1e-5)
     ts = step_lib.make_train_step(backbone.denoise, schedule, cfg, mesh, opt, params, ref_shape=ref)
@@ -131,7 +132,7 @@ def build(config, hw: int, mesh, per_dev: int, remat: str, optimizer: str = "ada
 
 
 def build_backbone(config, hw: int, mesh, per_dev: int, remat: str, optimizer: str = "adamw",
-                   dtype: str = "bfloat16"):
+                   dtype: str = "bfloat16", scan: bool = False):
     """(backbone, schedule, abstract params, micro-batch, train config): what `build` makes a step of, and
     what the sampler benchmark (tpu_aot.py --sampler) generates with."""
     cd = jnp.dtype(dtype)
@@ -145,7 +146,8 @@ def build_backbone(config, hw: int, mesh, per_dev: int, remat: str, optimizer: s
         from ddspo_jax.configs.sd3 import get_config as sd3_config
 
         cfg = sd3_config()
-        model = SD3Transformer2DModel(config, dtype=cd, param_dtype=jnp.float32, remat_policy=remat)
+        model = SD3Transformer2DModel(config, dtype=cd, param_dtype=jnp.float32, remat_policy=remat,
+                                      scan_blocks=scan)
         make_backbone = lambda sch: SD3Backbone(Path("."), model, None, sch)  # noqa: E731
         mb = sd3_micro_batch(model.config, hw, per_dev * mesh.size, mesh)
     elif isinstance(config, str):  # SANA: its release config (flow schedule, the release's optimizer)
@@ -155,16 +157,17 @@ def build_backbone(config, hw: int, mesh, per_dev: int, remat: str, optimizer: s
 
         cfg = sana_config()
         model = SanaTransformer2DModel(SanaConfig.named(config), dtype=cd, param_dtype=jnp.float32,
-                                       remat_policy=remat)
+                                       remat_policy=remat, scan_blocks=scan)
         make_backbone = lambda sch: SanaBackbone(Path("."), model, None, sch)  # noqa: E731
         mb = sana_micro_batch(model.config, per_dev * mesh.size, mesh)
     else:
         model = UNet2DConditionModel.from_config(config, dtype=cd, param_dtype=jnp.float32,
-                                                 attention_impl="auto", remat_policy=remat)
+                                                 attention_impl="auto", remat_policy=remat, scan_blocks=scan)
         family = "sdxl" if model.config.addition_embed_type == "text_time" else "sd"
         make_backbone = lambda sch: from_unet(model, sch)  # noqa: E731
         mb = micro_batch(model, family, hw, per_dev * mesh.size, mesh)
     cfg.model.dtype, cfg.model.remat_policy, cfg.train.optimizer = dtype, remat, optimizer
+    cfg.model.scan_blocks = scan
     cfg.model.lora_rank = 0
     cfg.train.batch_size, cfg.train.micro_batch_per_device = 2 * per_dev * mesh.size, per_dev  # 2 micro-batches
     cfg.mesh.data, cfg.mesh.fsdp = mesh.shape["data"], mesh.shape["fsdp"]
@@ -185,20 +188,20 @@ def grad_args(ts, params, ref, mb, mesh) -> tuple:
 
 
 def lowered_cost(config, hw: int, per_dev: int, remat: str, optimizer: str = "adamw",
-                 dtype: str = "bfloat16") -> dict:
+                 dtype: str = "bfloat16", scan: bool = False) -> dict:
     """Flops and bytes of what one device's gradient program computes for `per_dev` pairs, from XLA's cost
     analysis of the step lowered (not compiled) for one host CPU device: the count where a compiler gives no
     cost analysis (XLA:GPU without a GPU). Collectives aside, each device of a mesh computes this much."""
     mesh = parallel.make_mesh(1, 1, jax.devices("cpu")[:1])
-    ts, params, ref, mb, _ = build(config, hw, mesh, per_dev, remat, optimizer, dtype)
+    ts, params, ref, mb, _ = build(config, hw, mesh, per_dev, remat, optimizer, dtype, scan)
     return _cost(ts.grad.lower(*grad_args(ts, params, ref, mb, mesh)))  # a Lowered has cost_analysis() too
 
 
 def measure_config(config, hw: int, mesh, per_dev: int, remat: str, optimizer: str = "adamw",
-                   name: str = "", dtype: str = "bfloat16") -> dict:
+                   name: str = "", dtype: str = "bfloat16", scan: bool = False) -> dict:
     """The table's numbers for one model config on one mesh (see the module docstring), plus each compiled
     program's cost analysis (flops, bytes accessed, the compiler's optimal_seconds; per device)."""
-    ts, params, ref, mb, _ = build(config, hw, mesh, per_dev, remat, optimizer, dtype)
+    ts, params, ref, mb, _ = build(config, hw, mesh, per_dev, remat, optimizer, dtype, scan)
     acc_a, p_a, r_a, *_ = args = grad_args(ts, params, ref, mb, mesh)
     state_a = placed(ts.state_shape, ts.state_shardings)
     t0 = time.time()

@@ -131,23 +131,23 @@ def tpu_devices(topology: str):
     return topo.devices
 
 
-def row(name, topology, devices, fsdp, per_dev, remat) -> dict:
+def row(name, topology, devices, fsdp, per_dev, remat, scan=False) -> dict:
     kind, (hbm, peak, bw) = chip_of(topology)
     n = len(devices)
     mesh = parallel.make_mesh(n // fsdp, fsdp, devices)
     config, hw = model_config(name)
-    r = memory.measure_config(config, hw, mesh, per_dev, remat, name=name)
+    r = memory.measure_config(config, hw, mesh, per_dev, remat, name=name, scan=scan)
     if not r["flops_grad"]:  # XLA:GPU compile-only: no cost analysis; the unoptimised step's count instead.
         # Its bytes are unfused (every intermediate read and written): no bandwidth bound can be taken from
         # them, so the time is the compute bound flops / peak -- a lower bound (MFU 1 by construction: none).
-        c = memory.lowered_cost(config, hw, per_dev, remat)
+        c = memory.lowered_cost(config, hw, per_dev, remat, scan=scan)
         r.update(flops_grad=c["flops"], bytes_grad=c["bytes"])
         t, which = r["flops_grad"] / peak, "flops bound"
     else:
         t, which = estimate(r["flops_grad"], r["bytes_grad"], r["optimal_s_grad"], peak, bw)
     pairs = per_dev * n
     return dict(model=name, topology=topology, chip=devices[0].device_kind, mesh=r["mesh"], per_dev=per_dev,
-                remat=remat, resident=r["resident"], temp=r["temp_grad"], peak=r["peak"], hbm=float(hbm),
+                remat=remat + (" scan" if scan else ""), resident=r["resident"], temp=r["temp_grad"], peak=r["peak"], hbm=float(hbm),
                 fits="yes" if r["peak"] <= 0.9 * hbm else "no", tflop=r["flops_grad"] / 1e12,
                 gbytes=r["bytes_grad"] / 1e9, optimal_ms=r["optimal_s_grad"] * 1e3, est_ms=t * 1e3, est=which,
                 pairs_s=pairs / t, mfu=r["flops_grad"] / t / peak if which != "flops bound" else float("nan"),
@@ -202,6 +202,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fsdp", default="8", help="comma-separated fsdp sizes (the rest of the chips is data)")
     ap.add_argument("--micro", default="1", help="comma-separated micro_batch_per_device values")
     ap.add_argument("--remat", default="block", help="comma-separated remat policies")
+    ap.add_argument("--scan", default="off", help="comma-separated off,on: model.scan_blocks (each stack of "
+                    "identical transformer blocks as one lax.scan: one block body to compile)")
     ap.add_argument("--sampler", action="store_true", help="pair generation instead of the train step: "
                     "--micro is images per chip, data parallel, the family's sampler, steps and CFG")
     a = ap.parse_args(argv)
@@ -225,15 +227,17 @@ def main(argv=None) -> int:
     for name in a.models.split(","):
         for fsdp in (int(x) for x in a.fsdp.split(",")):
             for remat in a.remat.split(","):
-                for per_dev in (int(x) for x in a.micro.split(",")):
-                    rows.append(row(name, a.topology, devices, fsdp, per_dev, remat))
+                for per_dev, scan in ((int(x), y) for x in a.micro.split(",") for y in a.scan.split(",")):
+                    if scan not in ("off", "on"):
+                        raise SystemExit(f"--scan {a.scan!r}: each value is off or on")
+                    rows.append(row(name, a.topology, devices, fsdp, per_dev, remat, scan == "on"))
                     r = rows[-1]
-                    print(f"  {name} fsdp {fsdp} {remat} micro {per_dev}: peak {r['peak']:.2f} / {r['hbm']:.0f} GiB, "
+                    print(f"  {name} fsdp {fsdp} {r['remat']} micro {per_dev}: peak {r['peak']:.2f} / {r['hbm']:.0f} GiB, "
                           f"{r['tflop']:.2f} TFLOP, est {r['est_ms']:.0f} ms ({r['est']}), compiled in "
                           f"{r['compile_s']:.0f} s", flush=True)
     print(memory.table(rows, COLS))
     print("RESULT " + " ".join(
-        f"{r['model']}_{r['topology'].replace(':', '-')}_fsdp{r['mesh'].split('fsdp=')[1]}_mb{r['per_dev']}_{r['remat']}"
+        f"{r['model']}_{r['topology'].replace(':', '-')}_fsdp{r['mesh'].split('fsdp=')[1]}_mb{r['per_dev']}_{r['remat'].replace(' ', '_')}"
         f"_{k}={r[k]:.4g}" for r in rows for k in ("peak", "resident", "est_ms", "tflop")))
     return 0
 

@@ -274,6 +274,12 @@ class Gather:
             return x
         return checkpoint_name(jax.lax.all_gather(x, self.axis_name, axis=a, tiled=True), "fsdp_gathered")
 
+    def layout(self, tree, path: tuple[str, ...] = ()) -> list:
+        """The fsdp axis of each leaf of `tree` found at `path` (None: replicated), in leaf order: identical
+        blocks can share one gather only where their layouts agree (layers.sequential's scan)."""
+        flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+        return [self.axes.get(self.prefix + tuple(path) + key_path(p), "missing") for p, _ in flat]
+
     def __call__(self, tree, path: tuple[str, ...] = (), skip=None):
         """Gathers every leaf of `tree` (found at `path` below the prefix); `skip(names)` True leaves a
         leaf as it is (a block gathers it itself)."""

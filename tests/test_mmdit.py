@@ -63,10 +63,11 @@ def test_mmdit_matches_diffusers(tmp_path, name):
     for hw in ((8, 8), (12, 6)):
         x, t, ctx, pooled = inputs(c, hw)
         want = run_torch(ref, x, t, ctx, pooled)
-        got = np.asarray(model.apply({"params": params}, *map(jnp.asarray, (x, t, ctx, pooled))))
-        assert got.shape == want.shape
-        scale = np.abs(want).max()
-        assert np.abs(got - want).max() <= 1e-4 * scale, (hw, np.abs(got - want).max(), scale)
+        for m in (model, model.clone(scan_blocks=True)):  # model.scan_blocks: runs of equal blocks as one scan
+            got = np.asarray(m.apply({"params": params}, *map(jnp.asarray, (x, t, ctx, pooled))))
+            assert got.shape == want.shape
+            scale = np.abs(want).max()
+            assert np.abs(got - want).max() <= 1e-4 * scale, (hw, m.scan_blocks, np.abs(got - want).max(), scale)
 
 
 def test_export_loads_in_diffusers_and_gives_our_output(tmp_path):

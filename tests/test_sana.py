@@ -63,11 +63,13 @@ def test_sana_matches_diffusers(tmp_path, name):
     ref = torch_sana(tmp_path, name)
     model, params = load_sana(tmp_path / name)
     c = CONFIGS[name]
+    scanned = model.clone(scan_blocks=True)  # model.scan_blocks: the blocks as one lax.scan, same values
     for hw in ((c["sample_size"], c["sample_size"]), (c["sample_size"] + 2 * c["patch_size"], c["sample_size"])):
-        got, want = run_both(ref, model, params, hw, 7, c["caption_channels"])
-        assert got.shape == want.shape
-        scale = np.abs(want).max()
-        assert np.abs(got - want).max() <= 1e-4 * scale, (hw, np.abs(got - want).max(), scale)
+        for m in (model, scanned):
+            got, want = run_both(ref, m, params, hw, 7, c["caption_channels"])
+            assert got.shape == want.shape
+            scale = np.abs(want).max()
+            assert np.abs(got - want).max() <= 1e-4 * scale, (hw, m.scan_blocks, np.abs(got - want).max(), scale)
 
 
 def test_export_loads_in_diffusers_and_gives_our_output(tmp_path):

@@ -237,6 +237,8 @@ def load_backbone(model_cfg, schedule_cfg, *, text: bool = True, vae: bool = Tru
     require_components(folder, [cls.denoiser_folder] + (["vae"] if vae else []))
     model, params = cls.load_denoiser(folder, dtype_of(model_cfg.dtype), dtype_of(model_cfg.param_dtype),
                                       attention=model_cfg.attention or None, remat_policy=model_cfg.remat_policy)
+    if model_cfg.get("scan_blocks", False):
+        model = model.clone(scan_blocks=True)  # every denoiser (UNet, SANA, MMDiT) has the field
     bb = cls(folder, model, params, schedule_from_folder(folder, schedule_cfg, log))
     bb.load_extras(text=text, vae=vae)
     return bb

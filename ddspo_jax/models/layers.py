@@ -133,6 +133,83 @@ def _tied_remat_bwd(run, keep, vjp_fn, g):
 tied_remat.defvjp(_tied_remat_fwd, _tied_remat_bwd)
 
 
+def sequential(parent: nn.Module, module_cls, blocks, policy: str, gather, scan: bool, carry, *consts):
+    """Applies `blocks` ([(name, constructor kwargs)], children of `parent`) in order:
+    carry = block(*carry, *consts) (`carry` one array, or a tuple the block returns whole), each block a
+    `unit` (the unit of remat and of the fsdp gather).
+
+    With `scan`, each run of two or more consecutive blocks built alike (equal kwargs, equal fsdp layouts)
+    is one `lax.scan` over their parameters stacked at call time (maxdiffusion's `scan_layers`, without
+    changing the parameter tree, the key tables or checkpoints): the compiler sees one block body instead of
+    one per block, so compile time and compile memory fall with depth (SDXL's 70 transformer blocks become
+    11 bodies). The price is one stacked copy of the run's parameters (fsdp shards in the compute dtype under
+    fsdp) while it runs. Init always unrolls, so the parameters are created per block, as stored."""
+    single = not isinstance(carry, tuple)
+    carry = (carry,) if single else tuple(carry)
+    runs: list[list] = []
+    for name, kw in blocks:
+        if scan and runs and runs[-1][0][1] == kw and not parent.is_initializing():
+            runs[-1].append((name, kw))
+        else:
+            runs.append([(name, kw)])
+    for run in runs:
+        out = _scan_run(parent, module_cls, run, policy, gather, carry, consts) if len(run) > 1 else None
+        if out is None:  # one block, or blocks that cannot share a body: unrolled, as stored
+            for name, kw in run:
+                y = unit(module_cls, policy, gather, parent.path + (name,))(**kw, name=name)(*carry, *consts)
+                carry = tuple(y) if isinstance(y, tuple) else (y,)
+        else:
+            carry = out
+    return carry[0] if single else carry
+
+
+def _scan_run(parent, module_cls, run, policy, gather, carry, consts):
+    """One lax.scan over the blocks of `run` (see `sequential`); None where they cannot share a body."""
+    paths = [parent.path + (name,) for name, _ in run]
+    params = [parent.variables["params"][name] for name, _ in run]
+    if len({jax.tree.structure(p) for p in params}) > 1:
+        return None
+    if gather is not None and any(gather.layout(p, q) != gather.layout(params[0], paths[0])
+                                  for p, q in zip(params[1:], paths[1:])):
+        return None
+    enters, values = [], []
+    for provider in _BLOCK_INPUTS:  # LoRA factors below each block: stacked like the weights
+        got = [provider(tuple(q)) for q in paths]
+        if all(g is None for g in got):
+            continue
+        if any(g is None for g in got) or len({jax.tree.structure(g[0]) for g in got}) > 1:
+            return None
+        enters.append(got[0][1])
+        values.append(jax.tree.map(lambda *xs: jnp.stack(xs), *[g[0] for g in got]))
+    if gather is not None:  # the gather casts to the compute dtype anyway: stack the smaller copy
+        params = [jax.tree.map(lambda x: x.astype(gather.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                               p) for p in params]
+    stacked = (jax.tree.map(lambda *xs: jnp.stack(xs), *params), tuple(values))
+    inner = module_cls(**run[0][1], parent=None)
+
+    def one(tree, *args):
+        p, vals = tree
+        with contextlib.ExitStack() as stack:
+            for enter, v in zip(enters, vals):
+                stack.enter_context(enter(v))
+            return inner.apply({"params": gather(p, paths[0]) if gather is not None else p}, *args)
+
+    if gather is not None:
+        keep = REMAT_POLICIES[policy] or jax.checkpoint_policies.save_anything_except_these_names("fsdp_gathered")
+        block = functools.partial(tied_remat, one, keep)
+    elif REMAT_POLICIES[policy] is not None:
+        block = jax.checkpoint(one, policy=REMAT_POLICIES[policy], prevent_cse=False)  # scan keeps CSE apart
+    else:
+        block = one
+
+    def body(c, tree):
+        y = block(tree, *c, *consts)
+        return (tuple(y) if isinstance(y, tuple) else (y,)), None
+
+    out, _ = jax.lax.scan(body, carry, stacked)
+    return out
+
+
 def maybe_remat(module_cls, policy: str):
     """`unit` without fsdp (the VAE and other modules that never train sharded)."""
     return unit(module_cls, policy)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from ddspo_jax.models.layers import (LayerNorm, RMSNorm, TimestepEmbedding, attention, check_remat_policy,
-                                     sincos_pos_embed, timestep_embedding, unit)
+                                     sequential, sincos_pos_embed, timestep_embedding)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -164,13 +164,15 @@ class SD3Transformer2DModel(nn.Module):
     attention_impl: Optional[str] = None
     remat_policy: str = "none"
     gather: Any = None  # parallel.Gather inside the train step's shard_map (per-block fsdp gather)
+    scan_blocks: bool = False  # the identical transformer blocks as one lax.scan (layers.sequential)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | MMDiTConfig, dtype=jnp.float32, param_dtype=jnp.float32,
-                    attention_impl: Optional[str] = None, remat_policy: str = "none") -> "SD3Transformer2DModel":
+                    attention_impl: Optional[str] = None, remat_policy: str = "none",
+                    scan_blocks: bool = False) -> "SD3Transformer2DModel":
         check_remat_policy(remat_policy)
         cfg = config if isinstance(config, MMDiTConfig) else MMDiTConfig.from_dict(config)
-        return cls(cfg, dtype, param_dtype, attention_impl, remat_policy)
+        return cls(cfg, dtype, param_dtype, attention_impl, remat_policy, scan_blocks=scan_blocks)
 
     def init_shapes(self, tokens: int = 4) -> Any:
         c, s = self.config, self.config.patch_size * 2
@@ -206,11 +208,12 @@ class SD3Transformer2DModel(nn.Module):
         ctx = nn.Dense(c.caption_projection_dim, dtype=d, param_dtype=pd, name="context_embedder")(
             encoder_hidden_states.astype(d))
 
-        for i in range(c.num_layers):
-            name = f"transformer_blocks_{i}"
-            block = unit(JointTransformerBlock, self.remat_policy, self.gather, (name,))
-            x, ctx = block(c, d, pd, self.attention_impl, i == c.num_layers - 1, i in c.dual_attention_layers,
-                           name=name)(x, ctx, temb)
+        blocks = [(f"transformer_blocks_{i}", dict(config=c, dtype=d, param_dtype=pd, attention_impl=self.attention_impl,
+                                                   context_pre_only=i == c.num_layers - 1,
+                                                   dual_attention=i in c.dual_attention_layers))
+                  for i in range(c.num_layers)]
+        x, ctx = sequential(self, JointTransformerBlock, blocks, self.remat_policy, self.gather, self.scan_blocks,
+                            (x, ctx), temb)
 
         mods = nn.Dense(2 * dim, dtype=d, param_dtype=pd, name="norm_out_linear")(jax.nn.silu(temb))
         x = LayerNorm(1e-6, affine=False)(x) * (1 + mods[:, None, :dim]) + mods[:, None, dim:]

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddspo_jax.models.layers import (GLUMBConv, LayerNorm, RMSNorm, TimestepEmbedding, attention,
-                                     check_remat_policy, sincos_pos_embed, timestep_embedding, unit)
+                                     check_remat_policy, sequential, sincos_pos_embed, timestep_embedding)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -151,13 +151,15 @@ class SanaTransformer2DModel(nn.Module):
     attention_impl: Optional[str] = None
     remat_policy: str = "none"
     gather: Any = None  # parallel.Gather inside the train step's shard_map (per-block fsdp gather)
+    scan_blocks: bool = False  # the identical transformer blocks as one lax.scan (layers.sequential)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | SanaConfig, dtype=jnp.float32, param_dtype=jnp.float32,
-                    attention_impl: Optional[str] = None, remat_policy: str = "none") -> "SanaTransformer2DModel":
+                    attention_impl: Optional[str] = None, remat_policy: str = "none",
+                    scan_blocks: bool = False) -> "SanaTransformer2DModel":
         check_remat_policy(remat_policy)
         cfg = config if isinstance(config, SanaConfig) else SanaConfig.from_dict(config)
-        return cls(cfg, dtype, param_dtype, attention_impl, remat_policy)
+        return cls(cfg, dtype, param_dtype, attention_impl, remat_policy, scan_blocks=scan_blocks)
 
     def init_shapes(self, tokens: int = 4) -> Any:
         c, s = self.config, self.config.patch_size * 2
@@ -189,10 +191,9 @@ class SanaTransformer2DModel(nn.Module):
             jax.nn.gelu(ctx, approximate=True))
         ctx = RMSNorm(1e-5, pd, name="caption_norm")(ctx)
 
-        for i in range(c.num_layers):
-            name = f"transformer_blocks_{i}"
-            block = unit(SanaTransformerBlock, self.remat_policy, self.gather, (name,))
-            x = block(c, d, pd, self.attention_impl, hw, name=name)(x, ctx, encoder_attention_mask, temb)
+        kw = dict(config=c, dtype=d, param_dtype=pd, attention_impl=self.attention_impl, hw=hw)
+        x = sequential(self, SanaTransformerBlock, [(f"transformer_blocks_{i}", kw) for i in range(c.num_layers)],
+                       self.remat_policy, self.gather, self.scan_blocks, x, ctx, encoder_attention_mask, temb)
 
         table = self.param("scale_shift_table", nn.initializers.normal(dim ** -0.5), (2, dim), pd)
         mods = table[None].astype(t_emb.dtype) + t_emb[:, None]

@@ -20,7 +20,7 @@ from ddspo_jax.errors import ModelError
 from ddspo_jax.models.layers import (  # noqa: F401  (apply_sharded, in_unit: re-exported)
     ATTENTION_IMPLS, Downsample2D, GroupNorm, LayerNorm, ResnetBlock2D, TimestepEmbedding, Upsample2D, apply_sharded,
     in_unit,
-    attention, check_remat_policy, conv, gelu, timestep_embedding, unit,
+    attention, check_remat_policy, conv, gelu, sequential, timestep_embedding, unit,
 )
 
 Dtype = Any
@@ -222,6 +222,7 @@ class _Opts:
     upcast_attention: bool = False
     remat_policy: str = "none"
     gather: Any = None  # parallel.Gather inside the train step's shard_map (per-block fsdp gather)
+    scan_blocks: bool = False  # each Transformer2D's identical blocks as one lax.scan (layers.sequential)
 
 
 class Attention(nn.Module):
@@ -320,10 +321,9 @@ class Transformer2DModel(nn.Module):
             h = nn.Dense(ch, dtype=o.dtype, param_dtype=o.param_dtype, name="proj_in")(h.reshape(b, -1, ch))
         else:
             h = conv(ch, 1, o.dtype, o.param_dtype, "proj_in")(h).reshape(b, -1, ch)
-        for i in range(self.num_layers):
-            name = f"transformer_blocks_{i}"
-            block = unit(BasicTransformerBlock, o.remat_policy, o.gather, self.path + (name,))
-            h = block(self.heads, self.only_cross_attention, o, name=name)(h, context)
+        kw = dict(heads=self.heads, only_cross_attention=self.only_cross_attention, opts=o)
+        h = sequential(self, BasicTransformerBlock, [(f"transformer_blocks_{i}", kw) for i in range(self.num_layers)],
+                       o.remat_policy, o.gather, o.scan_blocks, h, context)
         if self.use_linear_projection:
             h = nn.Dense(ch, dtype=o.dtype, param_dtype=o.param_dtype, name="proj_out")(h)
             h = h.reshape(b, hgt, wid, ch)
@@ -400,16 +400,18 @@ class UNet2DConditionModel(nn.Module):
     attention_impl: Optional[str] = None
     remat_policy: str = "none"
     gather: Any = None  # set by `apply_sharded` only
+    scan_blocks: bool = False  # see layers.sequential
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | UNetConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                    attention_impl: Optional[str] = None, remat_policy: str = "none") -> "UNet2DConditionModel":
+                    attention_impl: Optional[str] = None, remat_policy: str = "none",
+                    scan_blocks: bool = False) -> "UNet2DConditionModel":
         if not isinstance(config, UNetConfig):
             config = UNetConfig.from_diffusers(config)
         if attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={attention_impl!r} is not one of {ATTENTION_IMPLS}")
         check_remat_policy(remat_policy)
-        return cls(config, dtype, param_dtype, attention_impl, remat_policy)
+        return cls(config, dtype, param_dtype, attention_impl, remat_policy, scan_blocks=scan_blocks)
 
     def dummy_inputs(self, batch: int = 1):
         """Abstract-friendly inputs of the right shapes (for init / eval_shape / benchmarks)."""
@@ -432,7 +434,7 @@ class UNet2DConditionModel(nn.Module):
     def __call__(self, sample, timesteps, encoder_hidden_states, added_cond=None):
         c = self.config
         o = _Opts(self.dtype, self.param_dtype, self.attention_impl, c.upcast_attention, self.remat_policy,
-                  self.gather)
+                  self.gather, self.scan_blocks)
         d, pd = self.dtype, self.param_dtype
         b = sample.shape[0]
         if sample.ndim != 4 or sample.shape[-1] != c.in_channels:
