@@ -23,7 +23,8 @@ lowered on a mesh of them and compiled by libtpu. Per chip, one row per (model, 
              for one CPU device with the same pairs per device (`memory.lowered_cost`)
   est ms     the compiler's `optimal_seconds` where it is positive and not below the roofline, else the
              roofline max(flops / bf16 peak, bytes accessed / HBM bandwidth) ("est" column says which);
-             H100 rows: flops / bf16 peak ("flops bound", a lower bound: the unoptimised bytes are unfused)
+             H100 rows and scanned rows (--scan on; XLA's cost analysis counts a loop body once): flops of
+             the unrolled step / bf16 peak ("flops bound", a lower bound: the unoptimised bytes are unfused)
   pairs/s    pairs per micro-batch / est time (the update, once per step, amortised away); MFU = flops /
              est time / the chip's bf16 peak
 
@@ -137,10 +138,12 @@ def row(name, topology, devices, fsdp, per_dev, remat, scan=False) -> dict:
     mesh = parallel.make_mesh(n // fsdp, fsdp, devices)
     config, hw = model_config(name)
     r = memory.measure_config(config, hw, mesh, per_dev, remat, name=name, scan=scan)
-    if not r["flops_grad"]:  # XLA:GPU compile-only: no cost analysis; the unoptimised step's count instead.
-        # Its bytes are unfused (every intermediate read and written): no bandwidth bound can be taken from
-        # them, so the time is the compute bound flops / peak -- a lower bound (MFU 1 by construction: none).
-        c = memory.lowered_cost(config, hw, per_dev, remat, scan=scan)
+    if not r["flops_grad"] or scan:  # XLA:GPU compile-only: no cost analysis; and XLA's cost analysis counts
+        # a while loop's body once, so a scanned program's is short by its blocks: the unoptimised unrolled
+        # step's count instead. Its bytes are unfused (every intermediate read and written): no bandwidth
+        # bound can be taken from them, so the time is the compute bound flops / peak -- a lower bound (MFU 1
+        # by construction: none).
+        c = memory.lowered_cost(config, hw, per_dev, remat)
         r.update(flops_grad=c["flops"], bytes_grad=c["bytes"])
         t, which = r["flops_grad"] / peak, "flops bound"
     else:

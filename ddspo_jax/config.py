@@ -46,9 +46,9 @@ SCHEMA: dict[str, _F] = {
                              choices=("none", "dots_saveable", "block", "full")),
     "model.scan_blocks": _F(False, "Run each stack of identical transformer blocks (SDXL's 10 per level, SANA's 20-28, "
                             "SD3's joint blocks) as one lax.scan over their stacked weights: the compiler sees one "
-                            "block body, so compile time and compile memory fall (SDXL's step on a TPU host); costs "
-                            "one stacked copy of the stack's weights (fsdp shards, compute dtype) while it runs. "
-                            "Same values, same parameter tree and files."),
+                            "block body, so compile time and compile memory fall; costs a stacked copy of the "
+                            "stack's weight shards and of their gradients. Same values, same parameter tree and "
+                            "files (docs/performance.md)."),
     "model.lora_rank": _F(0, "0: full fine-tune; r > 0: train rank-r LoRA on the attention projections (SANA: 512)."),
     "model.lora_alpha": _F(0.0, "LoRA scale alpha (update = alpha / r * A B); 0 means alpha = r."),
     "model.attention": _F("auto", "auto (cuDNN flash on GPU where it applies, else XLA; query-chunked XLA for "

@@ -325,3 +325,16 @@ def test_real_config_param_counts(name, expected):
     cfg = json.loads((CONFIGS / f"{name}.json").read_text())
     model = UNet2DConditionModel.from_config(cfg)
     assert count_params(model.init_shapes()) == expected
+
+
+def test_config_scan_blocks_reaches_the_loaded_denoiser():
+    """`model.scan_blocks=True` in a config gives the backbone a denoiser that scans (the field every family's
+    denoiser has); the default unrolls."""
+    from ddspo_jax.backbones import load_backbone
+    from ddspo_jax.config import base_config
+
+    cfg = base_config()
+    cfg.model.path = "tiny"
+    assert load_backbone(cfg.model, cfg.schedule, text=False, vae=False, log=None).denoiser.scan_blocks is False
+    cfg.model.scan_blocks = True
+    assert load_backbone(cfg.model, cfg.schedule, text=False, vae=False, log=None).denoiser.scan_blocks is True

@@ -142,8 +142,10 @@ def sequential(parent: nn.Module, module_cls, blocks, policy: str, gather, scan:
     is one `lax.scan` over their parameters stacked at call time (maxdiffusion's `scan_layers`, without
     changing the parameter tree, the key tables or checkpoints): the compiler sees one block body instead of
     one per block, so compile time and compile memory fall with depth (SDXL's 70 transformer blocks become
-    11 bodies). The price is one stacked copy of the run's parameters (fsdp shards in the compute dtype under
-    fsdp) while it runs. Init always unrolls, so the parameters are created per block, as stored."""
+    11 bodies). The price is a stacked copy of the run's parameters (fsdp shards, in the compute dtype under
+    fsdp) and, backward, of their gradients (tests/test_layers.py: one gathered block plus two stacked shard
+    copies). XLA's cost analysis counts a loop body once (benchmarks/tpu_aot.py). Init always unrolls, so the
+    parameters are created per block, as stored."""
     single = not isinstance(carry, tuple)
     carry = (carry,) if single else tuple(carry)
     runs: list[list] = []
