@@ -320,32 +320,61 @@ def test_aot_compiles_the_real_step_for_eight_h100s():
     assert 6 * fwd < tflop * 1e12 < 14 * fwd, (tflop * 1e12 / fwd)  # 9, plus block remat's recompute
 
 
+def _sdxl_config():
+    spec = importlib.util.spec_from_file_location("sdxl_cfg", Path(__file__).resolve().parents[1] / "configs" / "sdxl.py")
+    cfg_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cfg_mod)
+    return cfg_mod.get_config()
+
+
+def _sdxl_step_compiled(topology: str, micro: int, remat: str, scan: bool) -> dict:
+    """tpu_aot.py's RESULT for SDXL's step at fsdp 8 on `topology` (compile-only chips), checked by hand: the
+    resident bytes are f32 weights, AdamW's two moments and the f32 gradient accumulator (4 x 4 bytes) plus the
+    bf16 reference (2 bytes) per parameter, 2.57 B parameters, over 8 devices."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    proc = subprocess.run([str(TPU_PYTHON), str(SCRIPT.parent / "tpu_aot.py"), "--topology", topology,
+                           "--models", "sdxl", "--fsdp", "8", "--micro", str(micro), "--remat", remat,
+                           "--scan", "on" if scan else "off"], capture_output=True, text=True, timeout=2700, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    print(proc.stdout[-2500:])  # the row (pytest -rP shows it): docs/performance.md quotes it
+    result = _result_line(proc.stdout)
+    key = f"sdxl_{topology.replace(':', '-')}_fsdp8_mb{micro}_{remat}" + ("_scan" if scan else "")
+    peak, resident = float(result[f"{key}_peak"]), float(result[f"{key}_resident"])
+    by_hand = 2.567e9 * (4 * 4 + 2) / 8 / 2 ** 30
+    assert 0.9 * by_hand < resident < 1.2 * by_hand, (resident, by_hand)
+    return dict(peak=peak, resident=resident)
+
+
+@pytest.mark.slow  # ~16 min and ~17 GiB of host memory on 2 cores: libtpu compiles SDXL's whole train step
+@pytest.mark.xdist_group("sdxl_compiles")  # .ci/run: --dist loadgroup, one SDXL compile at a time
+@pytest.mark.skipif(not TPU_PYTHON.is_file(), reason="no libtpu venv (.ci/run makes .venv-tpu with '.[tpu-aot]')")
+def test_sdxl_with_its_v5e_settings_fits_a_v5e_8_slice():
+    """configs/sdxl.py with launch/tpu_settings.tsv's v5e row (what `gke_tpu.sh --tpu-type v5e` runs: its
+    micro-batch, remat and fsdp over the slice's 8 chips; the config's own model.scan_blocks) compiled by the
+    TPU compiler for a v5e:2x4 slice: the per-chip peak is under 90 % of 16 GiB -- it fails if a change makes
+    SDXL stop fitting a v5e chip."""
+    c = _sdxl_config()
+    rows = [line.split("\t") for line in (Path(__file__).resolve().parents[1] / "launch" / "tpu_settings.tsv")
+            .read_text().splitlines() if line.startswith("sdxl.py\tv5e\t")]
+    assert len(rows) == 1, rows
+    _, _, micro, remat, fsdp, *_ = rows[0]
+    assert int(fsdp) in (-1, 8), "the test compiles fsdp over all 8 chips of a v5e-8"
+    r = _sdxl_step_compiled("v5e:2x4", int(micro), remat, bool(c.model.scan_blocks))
+    assert r["peak"] < 0.9 * 16, f"SDXL at fsdp 8, {micro} pairs per chip: {r['peak']:.2f} GiB per v5e chip"
+
+
 @pytest.mark.slow  # ~15-20 min on 2 cores: XLA:GPU compiles SDXL's whole train step
+@pytest.mark.xdist_group("sdxl_compiles")
 @pytest.mark.skipif(not TPU_PYTHON.is_file(), reason="no aot venv (.ci/run makes .venv-tpu with '.[tpu-aot,gpu-aot]')")
 def test_sdxl_with_its_shipped_settings_fits_eight_h100s():
     """configs/sdxl.py's own settings (fsdp over all devices, the release's 8 pairs per GPU, block remat, bf16
     compute, f32 master weights, AdamW) compiled by XLA:GPU for eight compile-only H100s: the per-GPU peak
     (arguments + temporaries, the compiler's memory_analysis) is under 90 % of 80 GiB -- it fails if a change
-    makes SDXL stop fitting the GPUs it is shipped for. Resident bytes are checked by hand: f32 weights, AdamW's
-    two moments and the f32 gradient accumulator (4 x 4 bytes) plus the bf16 reference (2 bytes) per
-    parameter, 2.57 B parameters, over 8 devices."""
-    spec = importlib.util.spec_from_file_location("sdxl_cfg", Path(__file__).resolve().parents[1] / "configs" / "sdxl.py")
-    cfg_mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cfg_mod)
-    c = cfg_mod.get_config()
+    makes SDXL stop fitting the GPUs it is shipped for; the resident bytes are checked by hand."""
+    c = _sdxl_config()
     assert (c.mesh.fsdp, c.mesh.data) == (-1, 1), "the test compiles fsdp over all 8 devices"
     micro, remat = c.train.micro_batch_per_device, c.model.remat_policy
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    proc = subprocess.run([str(TPU_PYTHON), str(SCRIPT.parent / "tpu_aot.py"), "--topology", "h100:1x1x8",
-                           "--models", "sdxl", "--fsdp", "8", "--micro", str(micro), "--remat", remat],
-                          capture_output=True, text=True, timeout=2700, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    print(proc.stdout[-2500:])  # the row (pytest -rP shows it): docs/performance.md quotes it
-    result = _result_line(proc.stdout)
-    key = f"sdxl_h100-1x1x8_fsdp8_mb{micro}_{remat}"
-    peak, resident = float(result[f"{key}_peak"]), float(result[f"{key}_resident"])
-    by_hand = 2.567e9 * (4 * 4 + 2) / 8 / 2 ** 30
-    assert 0.9 * by_hand < resident < 1.2 * by_hand, (resident, by_hand)
+    peak = _sdxl_step_compiled("h100:1x1x8", micro, remat, bool(c.model.scan_blocks))["peak"]
     assert peak < 0.9 * 80, f"SDXL at fsdp 8, {micro} pairs per GPU: {peak:.2f} GiB per H100"
 
 

@@ -240,6 +240,34 @@ def test_scanned_blocks_give_the_definitions_gradients_with_lora_under_fsdp(fsdp
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=2e-5, err_msg=jax.tree_util.keystr(k))
 
 
+def test_scanned_blocks_apply_one_lora_adapter_per_batch_group():
+    """lora.stack's groups (DD-CPP's winning and losing adapters on one batch) through scanned blocks: each
+    half of the batch equals the blocks run with that adapter merged into the weights, W + (alpha/r) A B."""
+    from ddspo_jax import lora
+
+    d, r, alpha = 32, 2, 4.0
+    x = jax.random.normal(jax.random.key(1), (4, d))
+    params = _Scanned().init(jax.random.key(0), x)["params"]
+    one = lambda s: {f"transformer_blocks_{i}{lora.SEP}lin": {  # noqa: E731
+        "a": jax.random.normal(jax.random.key(s + i), (d, r)), "b": jax.random.normal(jax.random.key(s + 50 + i), (r, d)) * 0.1}
+        for i in range(8)}
+    f1, f2 = one(100), one(200)
+    model = _Scanned(policy="none")
+    with lora.forward(lora.stack(f1, f2), alpha):
+        assert "scan[" in str(jax.make_jaxpr(lambda p: model.apply({"params": p}, x))(params))
+        got = model.apply({"params": params}, x)
+
+    def merged(f, x):
+        y = x
+        for i in range(8):
+            fi = f[f"transformer_blocks_{i}{lora.SEP}lin"]
+            y = jnp.tanh(y @ (params[f"transformer_blocks_{i}"]["lin"]["kernel"] + (alpha / r) * fi["a"] @ fi["b"]))
+        return y
+
+    np.testing.assert_allclose(np.asarray(got[:2]), np.asarray(merged(f1, x[:2])), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got[2:]), np.asarray(merged(f2, x[2:])), rtol=1e-5, atol=1e-5)
+
+
 def test_scan_falls_back_to_unrolled_blocks_where_they_differ():
     """Blocks built differently (kwargs) are not scanned together: only runs of equal ones are."""
     class Wide(nn.Module):

@@ -6,9 +6,11 @@
 Where the paper's text and the release differ, the release wins (README "Hyperparameters"): lr 2.5e-9 x 2048
 = 5.12e-6, 500 steps (the text: 100), AdamW (the text, after Diffusion-DPO: Adafactor; the release's SDXL
 script does not pass --use_adafactor). `--config.train.optimizer=adafactor` gives transformers' Adafactor.
-8 pairs per device at fsdp 8 need 26.6 GiB (benchmarks/memory.py's CPU stand-in): fine on 80 GB GPUs. On 16 GB
-TPU v5e chips use --config.train.micro_batch_per_device=1 over >= 8 chips (8.2 GiB) and check with
-benchmarks/memory.py on the chip (README's memory table).
+Each level's 10 (2) identical transformer blocks run as one lax.scan (model.scan_blocks; measured with the
+compilers, docs/performance.md): XLA:GPU compiles the step for 8 H100s in 5.4 min instead of 24 and its peak
+at the release's 8 pairs per GPU, fsdp 8, is 20.5 GiB instead of 24.6; the TPU compiler fits one pair per
+v5e chip in 9.7 of 16 GiB, a compile this 2-core VM could not finish unrolled. On TPU slices
+`launch/gke_tpu.sh --tpu-type` sets the micro-batch that fits each chip (launch/tpu_settings.tsv).
 """
 
 from ddspo_jax.config import base_config
@@ -21,4 +23,5 @@ def get_config():
     c.model.path = "models/stable-diffusion-xl-base-1.0"
     c.schedule.loss_weighting = "linear"  # --loss_weighting linear (SDXL only in the release)
     c.mesh.data, c.mesh.fsdp = 1, -1    # params, reference, optimizer state and gradients sharded over all chips
+    c.model.scan_blocks = True          # one block body per transformer stack: compile time and memory fall
     return c
