@@ -4,6 +4,7 @@ without a TPU or a GPU.
   pip install -e '.[tpu-aot]'      # in a venv of its own: libtpu 0.0.42 (the pin of jax[tpu] 0.10.2)
   python benchmarks/tpu_aot.py --topology v5e:2x4 --models sd15 --fsdp 8 --micro 1,2 --remat block
   python benchmarks/tpu_aot.py --topology v5e:2x2 --models tiny --fsdp 4        # a minute: the smoke check
+  python benchmarks/tpu_aot.py --topology v5e:2x4 --models sdxl --scan on       # ~16 min, ~17 GiB of host memory
   pip install -e '.[gpu-aot]'      # another venv: jax-cuda12-plugin / -pjrt 0.10.2 (XLA:GPU, no driver needed)
   python benchmarks/tpu_aot.py --topology h100:1x1x8 --models sd15 --fsdp 8
 

@@ -345,7 +345,7 @@ def _sdxl_step_compiled(topology: str, micro: int, remat: str, scan: bool) -> di
     return dict(peak=peak, resident=resident)
 
 
-@pytest.mark.slow  # ~16 min and ~17 GiB of host memory on 2 cores: libtpu compiles SDXL's whole train step
+@pytest.mark.slow  # 16-21 min and ~17 GiB of host memory on 2 cores: libtpu compiles SDXL's whole train step
 @pytest.mark.xdist_group("sdxl_compiles")  # .ci/run: --dist loadgroup, one SDXL compile at a time
 @pytest.mark.skipif(not TPU_PYTHON.is_file(), reason="no libtpu venv (.ci/run makes .venv-tpu with '.[tpu-aot]')")
 def test_sdxl_with_its_v5e_settings_fits_a_v5e_8_slice():
@@ -363,7 +363,7 @@ def test_sdxl_with_its_v5e_settings_fits_a_v5e_8_slice():
     assert r["peak"] < 0.9 * 16, f"SDXL at fsdp 8, {micro} pairs per chip: {r['peak']:.2f} GiB per v5e chip"
 
 
-@pytest.mark.slow  # ~15-20 min on 2 cores: XLA:GPU compiles SDXL's whole train step
+@pytest.mark.slow  # 5-7 min on 2 cores: XLA:GPU compiles SDXL's whole (scanned) train step
 @pytest.mark.xdist_group("sdxl_compiles")
 @pytest.mark.skipif(not TPU_PYTHON.is_file(), reason="no aot venv (.ci/run makes .venv-tpu with '.[tpu-aot,gpu-aot]')")
 def test_sdxl_with_its_shipped_settings_fits_eight_h100s():
