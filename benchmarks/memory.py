@@ -188,12 +188,13 @@ def grad_args(ts, params, ref, mb, mesh) -> tuple:
 
 
 def lowered_cost(config, hw: int, per_dev: int, remat: str, optimizer: str = "adamw",
-                 dtype: str = "bfloat16", scan: bool = False) -> dict:
+                 dtype: str = "bfloat16") -> dict:
     """Flops and bytes of what one device's gradient program computes for `per_dev` pairs, from XLA's cost
     analysis of the step lowered (not compiled) for one host CPU device: the count where a compiler gives no
-    cost analysis (XLA:GPU without a GPU). Collectives aside, each device of a mesh computes this much."""
+    cost analysis (XLA:GPU without a GPU). Always the unrolled step: XLA counts a scanned loop's body once.
+    Collectives aside, each device of a mesh computes this much."""
     mesh = parallel.make_mesh(1, 1, jax.devices("cpu")[:1])
-    ts, params, ref, mb, _ = build(config, hw, mesh, per_dev, remat, optimizer, dtype, scan)
+    ts, params, ref, mb, _ = build(config, hw, mesh, per_dev, remat, optimizer, dtype)
     return _cost(ts.grad.lower(*grad_args(ts, params, ref, mb, mesh)))  # a Lowered has cost_analysis() too
 
 

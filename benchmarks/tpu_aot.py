@@ -151,7 +151,8 @@ def row(name, topology, devices, fsdp, per_dev, remat, scan=False) -> dict:
         t, which = estimate(r["flops_grad"], r["bytes_grad"], r["optimal_s_grad"], peak, bw)
     pairs = per_dev * n
     return dict(model=name, topology=topology, chip=devices[0].device_kind, mesh=r["mesh"], per_dev=per_dev,
-                remat=remat + (" scan" if scan else ""), resident=r["resident"], temp=r["temp_grad"], peak=r["peak"], hbm=float(hbm),
+                remat=remat + (" scan" if scan else ""), resident=r["resident"], temp=r["temp_grad"],
+                peak=r["peak"], hbm=float(hbm),
                 fits="yes" if r["peak"] <= 0.9 * hbm else "no", tflop=r["flops_grad"] / 1e12,
                 gbytes=r["bytes_grad"] / 1e9, optimal_ms=r["optimal_s_grad"] * 1e3, est_ms=t * 1e3, est=which,
                 pairs_s=pairs / t, mfu=r["flops_grad"] / t / peak if which != "flops bound" else float("nan"),
@@ -212,6 +213,9 @@ def main(argv=None) -> int:
                     "--micro is images per chip, data parallel, the family's sampler, steps and CFG")
     a = ap.parse_args(argv)
     chip_of(a.topology)
+    scans = a.scan.split(",")
+    if set(scans) - {"off", "on"}:
+        raise SystemExit(f"--scan {a.scan!r}: each value is off or on")
     devices = tpu_devices(a.topology)
     print(f"jax {jax.__version__}; {len(devices)} compile-only {devices[0].device_kind} devices ({a.topology}); "
           "per chip GiB; bf16 compute and reference, f32 master weights and accumulator, AdamW", flush=True)
@@ -231,9 +235,7 @@ def main(argv=None) -> int:
     for name in a.models.split(","):
         for fsdp in (int(x) for x in a.fsdp.split(",")):
             for remat in a.remat.split(","):
-                for per_dev, scan in ((int(x), y) for x in a.micro.split(",") for y in a.scan.split(",")):
-                    if scan not in ("off", "on"):
-                        raise SystemExit(f"--scan {a.scan!r}: each value is off or on")
+                for per_dev, scan in ((int(x), y) for x in a.micro.split(",") for y in scans):
                     rows.append(row(name, a.topology, devices, fsdp, per_dev, remat, scan == "on"))
                     r = rows[-1]
                     print(f"  {name} fsdp {fsdp} {r['remat']} micro {per_dev}: peak {r['peak']:.2f} / {r['hbm']:.0f} GiB, "

@@ -320,6 +320,16 @@ def test_aot_compiles_the_real_step_for_eight_h100s():
     assert 6 * fwd < tflop * 1e12 < 14 * fwd, (tflop * 1e12 / fwd)  # 9, plus block remat's recompute
 
 
+@pytest.mark.parametrize("args,message", [(["--topology", "v9:2x4"], "chip 'v9' is not one of"),
+                                          (["--scan", "maybe"], "--scan 'maybe': each value is off or on")])
+def test_tpu_aot_refuses_a_bad_chip_or_scan_value_in_one_line(args, message):
+    """A mistyped chip or --scan value stops tpu_aot.py before any compile, with one line naming it."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, str(SCRIPT.parent / "tpu_aot.py"), *args], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
 def _sdxl_config():
     spec = importlib.util.spec_from_file_location("sdxl_cfg", Path(__file__).resolve().parents[1] / "configs" / "sdxl.py")
     cfg_mod = importlib.util.module_from_spec(spec)
